@@ -1,0 +1,30 @@
+"""reflect_trainer: Reflection-Tuning (Li et al., 2023) inside TRL: recycle instruction data through a local
+quantized oracle the first time each pair is drawn, cache it, and train on the recycled stream."""
+
+from .cache import RecycleCache
+from .config import ReflectionConfig
+from .export import load_data, save_recycled, to_sft_dataset
+from .formats import BadRowError, Pair, validate_rows
+from .oracles import ENGINES, GenerationSettings, Oracle, load_oracle
+from .recycler import RECYCLED_COLUMNS, Recycler
+from .templates import ReflectionStep, ReflectionTemplate
+
+__all__ = [
+    "BadRowError",
+    "ENGINES",
+    "GenerationSettings",
+    "Oracle",
+    "Pair",
+    "RECYCLED_COLUMNS",
+    "RecycleCache",
+    "Recycler",
+    "ReflectionConfig",
+    "ReflectionStep",
+    "ReflectionTemplate",
+    "load_data",
+    "load_oracle",
+    "save_recycled",
+    "to_sft_dataset",
+    "validate_rows",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""Export recycled data in a shape that ``ReflectionSFTTrainer`` and a plain ``trl.SFTTrainer`` train on directly.
+
+The exported rows carry conversational ``prompt``/``completion`` columns (so SFTTrainer computes completion-only
+loss) next to the original fields, the recycled fields, the oracle's raw texts and the fallback reasons. Original
+columns whose names SFTTrainer would read as a format (``messages``, ``prompt``, ``completion``) are renamed
+``original_<name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .formats import MESSAGES, PROMPT_COMPLETION, Pair, detect_format, row_to_pair
+
+logger = logging.getLogger(__name__)
+
+_FORMAT_COLUMNS = ("messages", "prompt", "completion")
+
+
+def recycled_conversation(row: dict, fmt: str) -> tuple[list[dict], list[dict]]:
+    """``(prompt messages, completion messages)`` of a recycled row, history kept."""
+    history: list[dict] = []
+    if fmt in (MESSAGES, PROMPT_COMPLETION):
+        history = row_to_pair(row, fmt, "export", max_chars=10**9).history
+    user = row["recycled_instruction"] + (f"\n\n{row['recycled_input']}" if row["recycled_input"] else "")
+    return [*history, {"role": "user", "content": user}], [{"role": "assistant", "content": row["recycled_output"]}]
+
+
+def to_sft_dataset(recycled):
+    """Add ``prompt``/``completion`` columns to a recycled ``datasets.Dataset``; drop rows skipped as bad input."""
+    fmt = detect_format([c for c in recycled.column_names if not c.startswith(("recycled_", "reflected_"))])
+    before = len(recycled)
+    recycled = recycled.filter(lambda r: r["skip_reason"] is None)
+    if len(recycled) < before:
+        logger.warning("export: dropped %d rows that were skipped as bad input", before - len(recycled))
+    renames = {c: f"original_{c}" for c in _FORMAT_COLUMNS if c in recycled.column_names}
+    conversations = [recycled_conversation(row, fmt) for row in recycled]
+    out = recycled.rename_columns(renames) if renames else recycled
+    out = out.add_column("prompt", [p for p, _ in conversations])
+    return out.add_column("completion", [c for _, c in conversations])
+
+
+def save_recycled(dataset, path: str | Path) -> Path:
+    """Write to ``.jsonl``/``.json`` or ``.parquet`` (by suffix), or to a ``datasets`` folder otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".jsonl", ".json"):
+        dataset.to_json(str(path), lines=True, force_ascii=False)
+    elif path.suffix == ".parquet":
+        dataset.to_parquet(str(path))
+    else:
+        dataset.save_to_disk(str(path))
+    return path
+
+
+def load_data(path: str | Path):
+    """Load a JSON/JSONL/Parquet file or a ``datasets`` folder as a map-style ``datasets.Dataset``."""
+    from datasets import Dataset, load_from_disk
+
+    path = Path(path)
+    if path.is_dir():
+        return load_from_disk(str(path))
+    if path.suffix in (".jsonl", ".json"):
+        return Dataset.from_json(str(path))
+    if path.suffix == ".parquet":
+        return Dataset.from_parquet(str(path))
+    raise ValueError(f"{path}: expected a .json, .jsonl or .parquet file, or a datasets folder")

@@ -1,0 +1,81 @@
+"""Oracle engines: a small protocol, one module per engine, one registry line each.
+
+An oracle takes a batch of chat conversations and returns one text per conversation. A conversation that ends with
+an ``assistant`` message is a *pre-fill*: the oracle continues that message instead of starting a new one, and
+returns only what it added.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings; all of them are part of the cache key.
+
+    Args:
+        max_new_tokens: Most tokens generated per call.
+        temperature: 0 means greedy decoding (the paper ran its oracle at temperature 0).
+        top_p: Nucleus sampling mass, used when ``temperature > 0``.
+        seed: Sampling seed, used when ``temperature > 0``.
+        stop: Stop strings; generation ends at the first, which is not returned.
+    """
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "stop": list(self.stop)}
+
+
+@runtime_checkable
+class Oracle(Protocol):
+    """What every engine implements."""
+
+    #: Identifies the model, its weights and quantization: part of the cache key.
+    identity: str
+    #: Tokens generated so far, over all calls.
+    tokens_generated: int
+
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[str]: ...
+
+    def close(self) -> None:
+        """Release the model and its memory."""
+
+
+# name -> "module:Class". Adding an engine: one new module, one line here.
+ENGINES = {
+    "transformers": "reflect_trainer.oracles.transformers_engine:TransformersOracle",
+}
+
+
+def _engine_module(engine: str):
+    if engine not in ENGINES:
+        raise ValueError(f"unknown oracle engine {engine!r}; known: {sorted(ENGINES)}")
+    module_name, class_name = ENGINES[engine].split(":")
+    return importlib.import_module(module_name), class_name
+
+
+def load_oracle(engine: str, model_path: str, **kwargs) -> Oracle:
+    module, class_name = _engine_module(engine)
+    return getattr(module, class_name)(model_path, **kwargs)
+
+
+def oracle_identity(engine: str, model_path: str, **kwargs) -> str:
+    """Cache identity of an engine's oracle without loading it; each engine module defines ``identity_for``."""
+    module, _ = _engine_module(engine)
+    return module.identity_for(model_path, **kwargs)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """Cut ``text`` at the first stop string (engines that stop on tokens may overshoot by a few characters)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]

@@ -1,0 +1,127 @@
+"""Oracle engine on 🤗 transformers: any local causal LM, NF4 4-bit through bitsandbytes by default."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from . import Conversation, GenerationSettings, cut_at_stop
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("nf4", "int8", "none")
+
+
+def weights_fingerprint(path: Path) -> str:
+    """Identity of a weights folder that survives copies and moves: each file's name, size, and a hash of its
+    first and last MiB (hashing all of a 7B model's 13 GB would cost a minute at every start)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if f.is_file() and not f.name.startswith("."):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}:".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), 2)
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def identity_for(model_path: str, quantization: str = "nf4", **_: object) -> str:
+    """The cache identity of an oracle, computed without loading it (so cache hits never load a model)."""
+    return f"transformers:{weights_fingerprint(Path(model_path))}:{quantization}"
+
+
+class TransformersOracle:
+    """Generates whole batches with ``model.generate`` (left padding, greedy by default).
+
+    Args:
+        model_path: Local folder of a causal LM with a chat template. Nothing is fetched from a hub.
+        quantization: ``"nf4"`` (bitsandbytes 4-bit, default; works on CPU and CUDA), ``"int8"`` or ``"none"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: CUDA when available.
+        batch_size: Most conversations per ``generate`` call; a larger request is split.
+    """
+
+    def __init__(self, model_path: str, quantization: str = "nf4", device: str | None = None, batch_size: int = 16):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        path = Path(model_path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"oracle model folder {path} has no config.json; pass a local model folder "
+                "(run `reflect-trainer fetch` for the embedded default)"
+            )
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"  # generation appends on the right
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        on_cuda = self.device.startswith("cuda")
+        kwargs: dict = {}
+        if quantization == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16 if on_cuda else torch.float32,
+            )
+        elif quantization == "int8":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["dtype"] = torch.bfloat16 if on_cuda else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(path, device_map={"": self.device}, **kwargs)
+        self.model.eval()
+        self.identity = identity_for(model_path, quantization)
+        self.tokens_generated = 0
+
+    def _prompt_text(self, conversation: Conversation) -> str:
+        if conversation and conversation[-1]["role"] == "assistant":
+            head = self.tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
+            return head + conversation[-1]["content"]
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[str]:
+        prompts = [self._prompt_text(c) for c in conversations]
+        # Sort by length so each sub-batch pads little; restore the order at the end.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            for i, text in zip(idx, self._generate_batch([prompts[i] for i in idx], settings)):
+                out[i] = text
+        return out
+
+    def _generate_batch(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if settings.temperature > 0:
+            torch.manual_seed(settings.seed)
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if settings.stop:
+            kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
+        generated = self.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
+        eos_ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
+        configured = self.model.generation_config.eos_token_id
+        eos_ids.update(configured if isinstance(configured, list) else [configured])
+        texts = []
+        for row in generated.tolist():
+            n = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
+            self.tokens_generated += n
+            texts.append(cut_at_stop(self.tokenizer.decode(row[:n], skip_special_tokens=True), settings.stop))
+        return texts
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,201 @@
+"""Parse the oracle's marked sections and reject degenerate output.
+
+Parsing is applied when a cached raw text is *read*, never stored, so a parser fix needs no regeneration.
+
+Trust boundary: only the text the oracle generated is searched for markers. The pre-filled opener is ours, and the
+original data reach the oracle only through :func:`neutralize_markers`, so marker-like text in a data set can
+neither open nor close a section, even if the oracle echoes it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Fallback reasons, recorded per phase. Everything but these means "parsed and accepted".
+NO_SECTION = "no_section"
+EMPTY = "empty"
+PLACEHOLDER = "placeholder"
+LOOP = "loop"
+ECHO_ORIGINAL = "echo_original"
+ECHO_PROMPT = "echo_prompt"
+TOO_SHORT = "too_short"
+UNPARSED_REASONS = (NO_SECTION, EMPTY, PLACEHOLDER)  # the output had no usable section at all
+DEGENERATE_REASONS = (LOOP, ECHO_ORIGINAL, ECHO_PROMPT, TOO_SHORT)  # a section, but not an improvement
+
+_EMPTY_VALUES = {"", "n/a", "na", "none", "null", "-", "...", "…"}
+
+
+def _marker_pattern(name: str) -> str:
+    words = r"\s+".join(re.escape(w) for w in name.split())
+    # [Name], [ Name ]:, **[Name]**, ## [Name], **Name**:, **Name:** — what small models actually write.
+    bracketed = rf"\[\s*{words}\s*\]"
+    bold = rf"\*\*\s*{words}\s*:?\s*\*\*"
+    return rf"(?:{bracketed}|{bold})(?:\*\*)?[ \t]*:?"
+
+
+def marker_regex(names: list[str]) -> re.Pattern:
+    """One regex for all markers; group ``m{i}`` matches ``names[i]`` (pass longest first)."""
+    return re.compile("|".join(f"(?P<m{i}>{_marker_pattern(n)})" for i, n in enumerate(names)), re.IGNORECASE | re.M)
+
+
+_NEUTRALIZE_RE = re.compile(r"(\[|\*\*)(\s*(?:new\s+instruction|new\s+answer|better\s+answer|end)\s*:?\s*)(\]|\*\*)", re.I)
+
+
+def neutralize_markers(text: str) -> str:
+    """Make marker-like text in *data* inert before it is put into a prompt: ``[End]`` becomes ``‹End›``."""
+    return _NEUTRALIZE_RE.sub(lambda m: f"‹{m.group(2).strip()}›", text)
+
+
+def has_marker_like_text(text: str) -> bool:
+    return bool(_NEUTRALIZE_RE.search(text))
+
+
+@dataclass
+class ParseResult:
+    """What one oracle output yields: the fields it fills, or why it falls back."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None  # None: parsed and accepted
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+def _clean(text: str) -> str:
+    text = text.strip()
+    # Bold or quotes wrapped around the whole section.
+    for left, right in (("**", "**"), ('"', '"'), ("“", "”")):
+        if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
+            text = text[len(left) : -len(right)].strip()
+    return text.strip(" \t\n*#:")
+
+
+def split_sections(
+    generated: str, sections: dict[str, str], end_marker: str = "End", open_section: str | None = None
+) -> dict[str, str]:
+    """Return ``{marker name: raw content}`` for the sections found in ``generated``.
+
+    A section runs from its marker to ``[End]``, to the next known marker, or to the end of the text (small models
+    often omit ``[End]``). ``open_section`` is a marker already opened by the pre-filled text. The first non-empty
+    occurrence of each marker wins: it is what the oracle wrote before any looping.
+    """
+    names = list(sections.values())
+    ordered = sorted(set(names + [end_marker]), key=len, reverse=True)
+    regex = marker_regex(ordered)
+    hits = [(m.start(), m.end(), ordered[int(m.lastgroup[1:])]) for m in regex.finditer(generated)]
+
+    def content_from(pos: int) -> str:
+        stop = min((start for start, _, _ in hits if start >= pos), default=len(generated))
+        return generated[pos:stop]
+
+    found: dict[str, str] = {}
+    if open_section is not None:
+        found[open_section] = content_from(0)
+    for _, end, name in hits:
+        if name != end_marker and (name not in found or not _clean(found[name])):
+            found[name] = content_from(end)
+    return found
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def is_loop(text: str) -> bool:
+    """A sentence or phrase repeated over and over: the typical failure of a small greedy decoder."""
+    words = _words(text)
+    if len(words) < 12:
+        return False
+    if sum(w.isalpha() for w in words) < 0.3 * len(words):
+        return True  # counting or symbol runs ("1. 2. 3. 4. ...") — no prose at all
+    grams = _ngrams(words, 4)
+    distinct_ratio = len(set(grams)) / len(grams)
+    if distinct_ratio < 0.55:
+        return True
+    lines = [ln.strip().lower() for ln in text.splitlines() if len(ln.split()) >= 1 and ln.strip()]
+    counts = Counter(lines)
+    return bool(counts) and counts.most_common(1)[0][1] >= 4 and len(lines) >= 6
+
+
+def copied_fraction(text: str, source: str, n: int = 4) -> float:
+    """Share of ``text``'s word n-grams that also occur in ``source``."""
+    words = _words(text)
+    if len(words) < n:
+        return 1.0 if words and " ".join(words) in " ".join(_words(source)) else 0.0
+    grams = _ngrams(words, n)
+    source_grams = set(_ngrams(_words(source), n))
+    return sum(g in source_grams for g in grams) / len(grams)
+
+
+def _starts_with_prompt_label(text: str, boilerplate: str) -> bool:
+    labels = re.findall(r"(?m)^\s*([A-Za-z][\w ]{0,30}):", boilerplate)
+    head = _clean(text).lower()
+    return any(head.startswith(label.strip().lower() + ":") for label in labels)
+
+
+def judge_field(
+    generated_part: str,
+    original: str,
+    boilerplate: str,
+    placeholders: tuple[str, ...],
+    prompt: str = "",
+) -> str | None:
+    """Return why a parsed field is unusable, or None when it is accepted.
+
+    ``generated_part`` is what the oracle wrote for this field (without any pre-filled text: a pre-filled copy of
+    the original is ours, not an echo), ``original`` the field it would replace, ``boilerplate`` the template text around the
+    data (an echo of it means the oracle repeated its instructions), ``prompt`` the whole prompt as sent.
+    """
+    norm = _clean(generated_part).lower().strip(" .")
+    if norm in _EMPTY_VALUES:
+        return EMPTY
+    if any(norm == p.lower() or norm.startswith(p.lower()) for p in placeholders):
+        return PLACEHOLDER
+    if boilerplate and _starts_with_prompt_label(generated_part, boilerplate):
+        return ECHO_PROMPT  # e.g. "Draft answer: ..." — the oracle is copying the prompt's layout
+    if len(_words(generated_part)) < 3:
+        return TOO_SHORT
+    if is_loop(generated_part):
+        return LOOP
+    if boilerplate and copied_fraction(generated_part, boilerplate, 3) >= 0.5:
+        return ECHO_PROMPT
+    if prompt and copied_fraction(generated_part, prompt) >= 0.8:
+        return ECHO_PROMPT
+    if copied_fraction(generated_part, original) >= 0.7:
+        return ECHO_ORIGINAL  # a copy of the field it should improve, at most lightly edited
+    return None
+
+
+def parse_step_output(
+    generated: str,
+    sections: dict[str, str],
+    prefill_section: str | None,
+    prefill_body: str,
+    originals: dict[str, str],
+    boilerplate: str,
+    placeholders: tuple[str, ...] = (),
+    prompt: str = "",
+) -> ParseResult:
+    """Parse one step's generated text into pair fields. Never raises on any input text."""
+    try:
+        raw = split_sections(generated, sections, open_section=prefill_section)
+    except Exception:  # noqa: BLE001 — the parser must never take a run down; an odd text is a fallback
+        return ParseResult(reason=NO_SECTION)
+    result = ParseResult()
+    for field_name, marker in sections.items():
+        if marker not in raw:
+            return ParseResult(reason=NO_SECTION)
+        generated_part = raw[marker]
+        value = _clean((prefill_body if marker == prefill_section else "") + generated_part)
+        reason = judge_field(generated_part, originals.get(field_name, ""), boilerplate, placeholders, prompt)
+        if reason is not None:
+            return ParseResult(reason=reason)
+        result.fields[field_name] = value
+    return result

@@ -1,0 +1,75 @@
+"""Shared fixtures. The oracle is the real embedded default (SmolLM2-135M-Instruct, NF4 4-bit); scripted oracles
+appear only where a test injects faults or malformed output."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from reflect_trainer.oracles import GenerationSettings  # noqa: E402
+
+
+class CountingOracle:
+    """Wraps a real oracle and counts what is asked of it (the proof of 'zero oracle calls')."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.identity = inner.identity
+        self.calls = 0
+        self.prompts: list = []
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.inner.tokens_generated
+
+    def generate(self, conversations, settings: GenerationSettings):
+        self.calls += 1
+        self.prompts.extend(conversations)
+        return self.inner.generate(conversations, settings)
+
+    def close(self) -> None:
+        pass
+
+
+class ScriptedOracle:
+    """Fault injection only: returns texts produced by ``script(conversation) -> str``."""
+
+    identity = "scripted"
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = 0
+        self.tokens_generated = 0
+
+    def generate(self, conversations, settings):
+        self.calls += 1
+        return [self.script(c) for c in conversations]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def oracle_path() -> str:
+    from reflect_trainer.embedded import default_oracle_path
+
+    return str(default_oracle_path())
+
+
+@pytest.fixture(scope="session")
+def real_oracle(oracle_path):
+    from reflect_trainer.oracles.transformers_engine import TransformersOracle
+
+    return TransformersOracle(oracle_path, quantization="nf4", device="cpu", batch_size=16)
+
+
+@pytest.fixture(scope="session")
+def alpaca_pairs():
+    from reflect_trainer.embedded import load_alpaca_eval
+
+    return load_alpaca_eval()
