@@ -8,9 +8,12 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/reflect_trainer/torch_extensions
 setup:
 	bash scripts/setup.sh
 
+# The main job on the embedded default: recycle 32 real AlpacaEval pairs through the 4-bit SmolLM2 oracle while
+# training SmolLM2-135M on them for 2 epochs (CPU), then show pairs before/after.
 demo: setup
-	.venv/bin/reflect-trainer recycle alpaca-eval --limit 32 --max-new-tokens 128 --out runs/alpaca_eval_32.jsonl
-	.venv/bin/reflect-trainer inspect runs/alpaca_eval_32.jsonl -n 3
+	.venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		recipes/llama7b_recycled.py --config recipes/cpu_smollm2.yaml --recycled_out runs/cpu_smollm2/recycled.jsonl
+	.venv/bin/reflect-trainer inspect runs/cpu_smollm2/recycled.jsonl -n 3
 
 test: setup
 	.venv/bin/python -m pytest -q --durations=15

@@ -17,6 +17,7 @@ __all__ = [
     "Pair",
     "RECYCLED_COLUMNS",
     "RecycleCache",
+    "ReflectionSFTTrainer",
     "Recycler",
     "ReflectionConfig",
     "ReflectionStep",
@@ -28,3 +29,12 @@ __all__ = [
     "validate_rows",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The trainer imports TRL (seconds); load it only when asked, so the CLI and the transform start fast.
+    if name == "ReflectionSFTTrainer":
+        from .trainer import ReflectionSFTTrainer
+
+        return ReflectionSFTTrainer
+    raise AttributeError(f"module 'reflect_trainer' has no attribute {name!r}")

@@ -109,16 +109,19 @@ def test_export_roundtrips_through_jsonl_and_parquet(recycled16, tmp_path):
         )
 
 
-def test_new_rows_only_go_to_the_oracle(recycled16, real_oracle, alpaca_pairs):
+def test_only_uncached_keys_go_to_the_oracle(recycled16, real_oracle, alpaca_pairs):
+    """Response mode over rows 12..19. Rows 12..15 were response-reflected in `both` mode; where their instruction
+    reflection fell back, the response step saw the original pair, so its key is the same and it is a cache hit.
+    Rows 16..19 are new."""
+    shared = sum(r["instruction_reflection_fallback"] is not None for r in recycled16["out"].select(range(12, 16)))
     oracle = CountingOracle(real_oracle)
     recycler = make_recycler(recycled16["cache_dir"], oracle, mode="response")
-    # response mode on rows 14..17: rows 14, 15 were response-reflected only after instruction reflection, so
-    # all four are new keys here; run twice and the second run is free.
-    data = alpaca_pairs.select(range(14, 18))
+    data = alpaca_pairs.select(range(12, 20))
     recycler.recycle_dataset(data)
-    assert len(oracle.prompts) == 4
+    assert len(oracle.prompts) == 8 - shared
+    assert recycler.stats()["cache_hits"] == shared
     recycler.recycle_dataset(data)
-    assert len(oracle.prompts) == 4
+    assert len(oracle.prompts) == 8 - shared  # nothing new the second time
 
 
 def test_converted_default_oracle_uses_chatml_end_of_turn(oracle_path):

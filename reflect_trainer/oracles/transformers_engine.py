@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +31,23 @@ def weights_fingerprint(path: Path) -> str:
                     fh.seek(-(1 << 20), 2)
                     h.update(fh.read())
     return h.hexdigest()[:16]
+
+
+@contextmanager
+def outside_zero3_init():
+    """Load a model whole even while a ZeRO-3 run is active.
+
+    transformers partitions every ``from_pretrained`` under ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig``
+    with stage 3 is alive. The oracle must not be partitioned: each rank generates on its own, out of lockstep.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def identity_for(model_path: str, quantization: str = "nf4", **_: object) -> str:
@@ -76,7 +94,8 @@ class TransformersOracle:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         else:
             kwargs["dtype"] = torch.bfloat16 if on_cuda else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, device_map={"": self.device}, **kwargs)
+        with outside_zero3_init():
+            self.model = AutoModelForCausalLM.from_pretrained(path, device_map={"": self.device}, **kwargs)
         self.model.eval()
         self.identity = identity_for(model_path, quantization)
         self.tokens_generated = 0

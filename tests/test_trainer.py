@@ -1,0 +1,138 @@
+"""ReflectionSFTTrainer in one process, with the real 4-bit SmolLM2 oracle and SmolLM2-135M as the student."""
+
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from conftest import ScriptedOracle
+from reflect_trainer import BadRowError, ReflectionConfig
+from reflect_trainer.trainer import ReflectionSFTTrainer
+
+pytestmark = pytest.mark.slow
+
+
+class OracleCallsPerEpoch(TrainerCallback):
+    """Test instrument: oracle calls made by the end of each epoch."""
+
+    def __init__(self):
+        self.at_epoch_end: list[int] = []
+        self.trainer = None
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.at_epoch_end.append(int(self.trainer.recycling_stats()["oracle_calls"]))
+
+
+def sft_config(tmp_path, **overrides):
+    base = dict(output_dir=str(tmp_path / "out"), num_train_epochs=2, per_device_train_batch_size=2, max_length=128,
+                learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
+                gradient_checkpointing=False, use_cpu=True, seed=0)
+    return SFTConfig(**{**base, **overrides})
+
+
+def epoch_losses(trainer):
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return [statistics.mean(h["loss"] for h in logs if e < h["epoch"] <= e + 1) for e in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, oracle_path, alpaca_pairs):
+    """The plain TRL SFT script, with SFTTrainer replaced by ReflectionSFTTrainer (and the reflection settings)."""
+    tmp_path = tmp_path_factory.mktemp("trainer")
+    tokenizer = AutoTokenizer.from_pretrained(oracle_path)
+    model = AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32)
+    counter = OracleCallsPerEpoch()
+    trainer = ReflectionSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path),
+        train_dataset=alpaca_pairs.select(range(16)),
+        processing_class=tokenizer,
+        callbacks=[counter],
+        reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), max_new_tokens=32, buffer_batches=4,
+                                           oracle_model_path=oracle_path, template_set="compact"),
+    )
+    counter.trainer = trainer
+    trained_batches = []
+    original_compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):  # test instrument: what each step trained on
+        trained_batches.append((int(trainer.state.epoch or 0), inputs["input_ids"].clone(), inputs["labels"].clone()))
+        return original_compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    return {"trainer": trainer, "counter": counter, "batches": trained_batches, "tokenizer": tokenizer,
+            "tmp_path": tmp_path}
+
+
+def test_class_swap_trains_two_epochs_and_loss_decreases(trained):
+    first, second = epoch_losses(trained["trainer"])
+    assert second < first, (first, second)
+    assert trained["trainer"].state.global_step == 16  # 16 pairs / batch 2, two epochs
+
+
+def test_epoch_two_makes_zero_oracle_calls_and_oracle_is_released(trained):
+    calls = trained["counter"].at_epoch_end
+    assert calls[0] > 0 and calls[1] == calls[0]
+    # 16 pairs in buffers of 8 (batch 2 x 4 micro-batches): 2 buffers, at most 3 template steps each.
+    assert calls[0] <= 6
+    assert not trained["trainer"].recycler.oracle_loaded
+
+
+def test_exported_recycled_data_is_exactly_what_was_trained_on(trained):
+    exported = trained["trainer"].recycled_dataset()
+    assert len(exported) == 16 and exported.column_names[:3] == ["instruction", "input", "output"]
+    # Tokenize the export the way plain SFTTrainer does and compare with the sequences seen in each epoch.
+    plain = SFTTrainer(model=trained["trainer"].model, args=sft_config(trained["tmp_path"] / "plain"),
+                       train_dataset=exported, processing_class=trained["tokenizer"])
+    expected = sorted(tuple(ids) for ids in plain.train_dataset["input_ids"])
+    for epoch in (0, 1):
+        seen = []
+        for e, ids, labels in trained["batches"]:
+            if e == epoch or (epoch == 1 and e == 2):
+                for row_ids, row_labels in zip(ids, labels):
+                    n = int((row_labels != -100).nonzero().max()) + 1  # strip right padding
+                    seen.append(tuple(row_ids[:n].tolist()))
+        assert sorted(seen) == expected
+
+
+def test_qlora_student_in_4bit_with_lora_trains_on_cpu(tmp_path, oracle_path, alpaca_pairs):
+    from peft import LoraConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(oracle_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        oracle_path,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32),
+    )
+    counter = OracleCallsPerEpoch()
+    trainer = ReflectionSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, learning_rate=1e-3),
+        train_dataset=alpaca_pairs.select(range(16, 24)),
+        processing_class=tokenizer,
+        callbacks=[counter],
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", max_new_tokens=24,
+                                           buffer_batches=2, oracle_model_path=oracle_path, template_set="compact"),
+    )
+    counter.trainer = trainer
+    trainer.train()
+    first, second = epoch_losses(trainer)
+    assert second < first
+    assert counter.at_epoch_end[0] > 0 and counter.at_epoch_end[1] == counter.at_epoch_end[0]
+    assert any("lora" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora" not in n)
+
+
+def test_bad_data_is_caught_at_init_before_any_work(tmp_path, alpaca_pairs):
+    def never(conversation):
+        raise AssertionError("no oracle work may happen")
+
+    bad = alpaca_pairs.select(range(5)).map(lambda r, i: {"output": "" if i == 3 else r["output"]}, with_indices=True)
+    with pytest.raises(BadRowError, match="row 3, field 'output' is empty"):
+        # A model *name* would be loaded by SFTTrainer: the error must come first.
+        ReflectionSFTTrainer(model="/nonexistent/model/never/loaded", args=sft_config(tmp_path), train_dataset=bad,
+                             oracle=ScriptedOracle(never))
