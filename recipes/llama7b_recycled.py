@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig
 from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 
 from reflect_trainer import ReflectionConfig, load_data, save_recycled
@@ -60,16 +60,33 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+GPU_MESSAGE = (
+    "error: this config needs a CUDA GPU (a 7B-class student in bf16 with DeepSpeed ZeRO or QLoRA), and none is "
+    "visible. On a CPU machine run the same recipe on the embedded default: "
+    "accelerate launch --cpu recipes/llama7b_recycled.py --config recipes/cpu_smollm2.yaml"
+)
+
+
+def require_gpu_early(argv: list[str]) -> None:
+    """Before SFTConfig is even built (its bf16/DeepSpeed checks would fail less clearly on CPU)."""
+    if torch.cuda.is_available():
+        return
+    wants_gpu = "--requires_gpu" in argv and argv[argv.index("--requires_gpu") + 1 :][:1] != ["false"]
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        config = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
+        wants_gpu = wants_gpu or bool(config.get("requires_gpu"))
+    if wants_gpu:
+        sys.exit(GPU_MESSAGE)
+
+
 def check_hardware(recipe: RecipeArguments, model_path: str) -> None:
     """Fail in seconds, not hours in, when the config cannot run on this machine."""
     if torch.cuda.is_available():
         return
     if recipe.requires_gpu:
-        sys.exit(
-            "error: this config needs a CUDA GPU (a 7B-class student in bf16 with DeepSpeed ZeRO or QLoRA), and "
-            "none is visible. On a CPU machine run the same recipe on the embedded default: "
-            "accelerate launch --cpu recipes/llama7b_recycled.py --config recipes/cpu_smollm2.yaml"
-        )
+        sys.exit(GPU_MESSAGE)
     try:
         params = estimated_parameters(AutoConfig.from_pretrained(model_path))
     except OSError as err:
@@ -82,6 +99,7 @@ def check_hardware(recipe: RecipeArguments, model_path: str) -> None:
 
 
 def main() -> None:
+    require_gpu_early(sys.argv[1:])
     parser = TrlParser((RecipeArguments, SFTConfig, ReflectionConfig, ModelConfig))
     recipe, sft_config, reflection_config, model_config = parser.parse_args_and_config()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -97,20 +115,23 @@ def main() -> None:
     if recipe.dataset_limit is not None:
         data = data.select(range(min(recipe.dataset_limit, len(data))))
 
-    quantization_config = get_quantization_config(model_config)
-    dtype = model_config.dtype if model_config.dtype in ("auto", None) else getattr(torch, model_config.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        dtype=dtype,
-        quantization_config=quantization_config,
-        attn_implementation=model_config.attn_implementation,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # As TRL's own sft script does, the trainer loads the student. The distributed state must exist first: ZeRO-3
+    # partitions the student under zero.Init, which reads the world size from it.
+    sft_config.distributed_state.wait_for_everyone()
+    if sft_config.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()  # wraps the process group above, so zero.Init sees every rank
+    sft_config.model_init_kwargs = {
+        "dtype": model_config.dtype,
+        "attn_implementation": model_config.attn_implementation,
+        **(sft_config.model_init_kwargs or {}),
+    }
     trainer = ReflectionSFTTrainer(
-        model=model,
+        model=model_path,
         args=sft_config,
         train_dataset=data,
-        processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_config),
         peft_config=get_peft_config(model_config),
         reflection_config=reflection_config,
     )
@@ -126,7 +147,9 @@ def main() -> None:
     if recipe.stats_file:
         rank = trainer.accelerator.process_index
         stats = {**trainer.recycling_stats(), "rank": rank, "global_step": trainer.state.global_step,
-                 "oracle_loaded_at_end": trainer.recycler.oracle_loaded}
+                 "oracle_loaded_at_end": trainer.recycler.oracle_loaded,
+                 "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
+                 if trainer.is_deepspeed_enabled else None}
         path = Path(recipe.stats_file.replace("{rank}", str(rank)))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(stats, indent=2))

@@ -53,8 +53,8 @@ class ReflectionConfig:
             0 is greedy decoding, as in the paper.
         top_p (`float`, *optional*, defaults to `1.0`):
             Nucleus sampling mass when `temperature > 0`.
-        seed (`int`, *optional*, defaults to `0`):
-            Sampling seed when `temperature > 0`.
+        oracle_seed (`int`, *optional*, defaults to `0`):
+            Sampling seed when `temperature > 0` (not `seed`: that name is `SFTConfig`'s).
 
         > Cache and input checks
 
@@ -89,7 +89,7 @@ class ReflectionConfig:
     max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per oracle call."})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus mass when sampling."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    oracle_seed: int = field(default=0, metadata={"help": "Oracle sampling seed."})
     cache_dir: str = field(default="reflect_cache", metadata={"help": "Persistent cache folder."})
     on_bad_row: str = field(default="error", metadata={"help": "error or skip."})
     max_field_chars: int = field(default=20_000, metadata={"help": "Longer fields are bad rows."})

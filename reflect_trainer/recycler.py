@@ -312,7 +312,7 @@ class Recycler:
             max_new_tokens=step.max_new_tokens or c.max_new_tokens,
             temperature=c.temperature,
             top_p=c.top_p,
-            seed=c.seed,
+            seed=c.oracle_seed,
             stop=step.stop,
         )
 

@@ -97,3 +97,15 @@ def test_messages_and_prompt_completion_keep_history_in_export(tmp_path):
     exported = to_sft_dataset(r.recycle_dataset(pc))
     assert exported[0]["completion"][0]["content"] == better
     assert exported[0]["original_completion"][0]["content"] == "Fine."
+
+
+def test_reflection_config_parses_next_to_trl_configs(tmp_path):
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    config = tmp_path / "c.yaml"
+    config.write_text("mode: response\nbuffer_batches: 3\nlearning_rate: 2.0e-5\nseed: 7\noracle_seed: 3\nuse_cpu: true\nbf16: false\n")
+    sft, reflection, _ = TrlParser((SFTConfig, ReflectionConfig, ModelConfig)).parse_args_and_config(
+        ["--config", str(config), "--output_dir", str(tmp_path), "--max_new_tokens", "64"]
+    )
+    assert (reflection.mode, reflection.buffer_batches, reflection.max_new_tokens) == ("response", 3, 64)
+    assert (sft.learning_rate, sft.seed, reflection.oracle_seed) == (2e-5, 7, 3)
