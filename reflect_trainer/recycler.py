@@ -219,6 +219,7 @@ class Recycler:
         self._stats.marker_like_rows += sum(
             has_marker_like_text(p.instruction + p.input + p.output) for p in pairs
         )
+        self._open_progress()
         outcomes: list[dict[str, PhaseOutcome]] = [{} for _ in pairs]
         current = list(pairs)
         for phase in self.phases:
@@ -230,13 +231,15 @@ class Recycler:
         self._tick(len(pairs))
         return outcomes
 
-    def _tick(self, n: int) -> None:
-        if not self.config.progress_bar:
-            return
-        if self._progress is None:
+    def _open_progress(self) -> None:
+        if self.config.progress_bar and self._progress is None:
             from tqdm.auto import tqdm
 
             self._progress = tqdm(total=self.expected_rows, desc="recycling", unit="pair", dynamic_ncols=True)
+
+    def _tick(self, n: int) -> None:
+        if self._progress is None:
+            return
         self._progress.update(n)
         s = self._stats
         self._progress.set_postfix(hits=s.cache_hits, oracle_tok=s.oracle_tokens, refresh=False)

@@ -17,10 +17,11 @@ from trl import SFTConfig, SFTTrainer
 from .chat import ensure_chat_template, features, tokenize_conversation
 from .config import ReflectionConfig
 from .export import recycled_conversation, to_sft_dataset
-from .formats import pair_to_messages, row_to_pair, validate_rows
+from .formats import ValidationReport, detect_format, pair_to_messages, row_to_pair, validate_rows
 from .oracles import Oracle
 from .recycler import Recycler
 from .sampling import IndexDataset, RecycleBufferSampler
+from .streaming import RecycledStream
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,10 @@ class ReflectionSFTTrainer(SFTTrainer):
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs: as for
-            ``trl.SFTTrainer``. ``train_dataset`` is a map-style ``datasets.Dataset`` in Alpaca, prompt–completion or
-            ``messages`` format; it is validated before anything else (bad rows raise naming the row, or are
-            skipped, per ``reflection_config.on_bad_row``). ``eval_dataset``, if given, is evaluated as is (not
+            ``trl.SFTTrainer``. ``train_dataset`` is in Alpaca, prompt–completion or ``messages`` format. A
+            map-style ``datasets.Dataset`` is validated before anything else (bad rows raise naming the row, or are
+            skipped, per ``reflection_config.on_bad_row``); a streamed ``IterableDataset`` (set ``max_steps``) is
+            split by node and each row checked when its buffer is drawn. ``eval_dataset``, if given, is evaluated as is (not
             recycled).
         reflection_config: The recycling settings; defaults to ``ReflectionConfig()`` (embedded SmolLM2 oracle).
         oracle: An already-built oracle, instead of one built from ``reflection_config``.
@@ -54,17 +56,20 @@ class ReflectionSFTTrainer(SFTTrainer):
                  oracle: Oracle | None = None, **kwargs):
         if train_dataset is None:
             raise ValueError("ReflectionSFTTrainer needs a train_dataset to recycle")
-        from datasets import Dataset
+        from datasets import Dataset, IterableDataset
 
-        if not isinstance(train_dataset, Dataset):
-            raise TypeError(
-                f"ReflectionSFTTrainer takes a map-style datasets.Dataset, got {type(train_dataset).__name__}; "
-                "for streamed data, recycle it with `reflect-trainer recycle` or Recycler first"
-            )
+        if not isinstance(train_dataset, (Dataset, IterableDataset)):
+            raise TypeError(f"train_dataset must be a datasets.Dataset or IterableDataset, got {type(train_dataset)}")
         config = reflection_config or ReflectionConfig()
-        # Bad data must surface now, before any model, oracle or training work.
-        report = validate_rows(train_dataset, config.on_bad_row, config.max_field_chars)
-        source = train_dataset.select(report.valid_indices) if report.skipped else train_dataset
+        self._streaming = isinstance(train_dataset, IterableDataset)
+        if self._streaming:
+            # A stream cannot be validated up front: its format is checked now, each row when its buffer comes.
+            report = ValidationReport(fmt=detect_format(next(iter(train_dataset)).keys()), valid_indices=[], skipped={})
+            source = train_dataset
+        else:
+            # Bad data must surface now, before any model, oracle or training work.
+            report = validate_rows(train_dataset, config.on_bad_row, config.max_field_chars)
+            source = train_dataset.select(report.valid_indices) if report.skipped else train_dataset
         if args is None:
             args = SFTConfig(output_dir="reflection-sft")
         # We tokenize lazily ourselves; SFTTrainer must not .map() the raw data (it peeks at one raw row only).
@@ -93,11 +98,15 @@ class ReflectionSFTTrainer(SFTTrainer):
         self._tokens: dict[int, tuple] = {}  # source index -> (input_ids, completion_start)
         self._buffer_key: tuple | None = None
         self._rank_share: set[int] = set()
+        self._stream_recycled: list[dict] = []  # streamed data: rows recycled in the first pass, in order
+        self._stream_passes_done = 0
         if eval_dataset is not None:
             self.eval_dataset = self._tokenize_original(eval_dataset)
 
     # ---- data ----------------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
+        if self._streaming:
+            return self._stream_dataloader()
         buffer_batches = self.reflection_config.buffer_batches
         sampler = RecycleBufferSampler(
             len(self._source),
@@ -146,6 +155,41 @@ class ReflectionSFTTrainer(SFTTrainer):
             self.recycler.release_oracle()
             self.recycler.close_progress()
 
+    # ---- streamed data ---------------------------------------------------------------------------------------------
+    def _stream_dataloader(self) -> DataLoader:
+        from datasets.distributed import split_dataset_by_node
+
+        split = split_dataset_by_node(self._source, rank=self.accelerator.process_index,
+                                      world_size=self.accelerator.num_processes)
+        stream = RecycledStream(
+            split,
+            buffer_size=self._train_batch_size * self.reflection_config.buffer_batches,
+            batch_size=self._train_batch_size,
+            process_buffer=self._process_stream_buffer,
+            collate=self.data_collator,
+            on_pass_end=self._stream_pass_end,
+        )
+        # Not passed through accelerator.prepare: the split above is already this rank's (see streaming.py).
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def _process_stream_buffer(self, buffer: list[tuple[int, dict]]) -> list[dict]:
+        positions = [p for p, _ in buffer]
+        batch = {name: [row.get(name) for _, row in buffer] for name in buffer[0][1]}
+        out = self.recycler(batch, indices=[f"{p} of rank {self.accelerator.process_index}'s stream" for p in positions])
+        rows = [{name: values[j] for name, values in out.items()} for j in range(len(buffer))]
+        if not self._stream_passes_done:
+            self._stream_recycled.extend(rows)
+        kept = [row for row in rows if row["skip_reason"] is None]
+        return [features(*tokenize_conversation(self._tokenizer, *recycled_conversation(row, self._fmt),
+                                                self.args.max_length)) for row in kept]
+
+    def _stream_pass_end(self, passes: int) -> None:
+        self._stream_passes_done = passes
+        if passes == 1 and self.reflection_config.release_oracle and self.recycler.oracle_loaded:
+            logger.info("first pass over this rank's stream done: releasing the oracle")
+            self.recycler.release_oracle()
+            self.recycler.close_progress()
+
     def _tokenize_original(self, dataset):
         """Evaluation data are scored as given, with the student's chat template and completion-only labels."""
         fmt = validate_rows(dataset, "error", self.reflection_config.max_field_chars).fmt
@@ -164,6 +208,8 @@ class ReflectionSFTTrainer(SFTTrainer):
         """
         from datasets import Dataset
 
+        if self._streaming:  # this rank's split, as recycled in the first pass
+            return to_sft_dataset(Dataset.from_list(self._stream_recycled))
         self._materialize(list(range(len(self._source))))
         return to_sft_dataset(Dataset.from_list([self._recycled[i] for i in range(len(self._source))]))
 

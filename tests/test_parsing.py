@@ -101,3 +101,9 @@ def test_parser_never_raises_and_always_decides(text, prefilled, two):
     else:
         assert result.reason in UNPARSED_REASONS + DEGENERATE_REASONS
         assert result.fields == {}
+
+
+def test_answer_that_starts_with_a_prompt_label_is_an_echo():
+    boilerplate = "Question:  \n\nDraft answer:  \n\nWrite a better answer to the question."
+    result = parse_step_output(f"Draft answer: {GOOD_ANSWER}", ONE, "Better Answer", "", ORIGINALS, boilerplate)
+    assert result.reason == ECHO_PROMPT

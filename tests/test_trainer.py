@@ -136,3 +136,29 @@ def test_bad_data_is_caught_at_init_before_any_work(tmp_path, alpaca_pairs):
         # A model *name* would be loaded by SFTTrainer: the error must come first.
         ReflectionSFTTrainer(model="/nonexistent/model/never/loaded", args=sft_config(tmp_path), train_dataset=bad,
                              oracle=ScriptedOracle(never))
+
+
+def test_streamed_data_is_recycled_in_the_first_pass_only(tmp_path, oracle_path, alpaca_pairs):
+    from datasets import IterableDataset
+
+    rows = alpaca_pairs.select(range(24, 32)).to_list()
+    stream = IterableDataset.from_generator(lambda: iter(rows))
+    counter = OracleCallsPerEpoch()
+    trainer = ReflectionSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32),
+        args=sft_config(tmp_path, max_steps=8),  # 8 rows / batch 2 = 4 steps a pass: two passes
+        train_dataset=stream,
+        processing_class=AutoTokenizer.from_pretrained(oracle_path),
+        callbacks=[counter],
+        reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", max_new_tokens=16,
+                                           buffer_batches=2, oracle_model_path=oracle_path, template_set="compact"),
+    )
+    counter.trainer = trainer
+    trainer.train()
+    assert trainer.state.global_step == 8
+    stats = trainer.recycling_stats()
+    assert stats["oracle_prompts"] == 8 and stats["oracle_calls"] == 2  # buffers of 4 pairs, first pass only
+    assert stats["cache_hits"] == 8  # the second pass read everything from the cache
+    assert not trainer.recycler.oracle_loaded
+    exported = trainer.recycled_dataset()
+    assert exported["instruction"] == [r["instruction"] for r in rows]
