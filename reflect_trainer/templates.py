@@ -184,19 +184,21 @@ COMPACT_INSTRUCTION_REFLECTION = ReflectionTemplate(
 
 COMPACT_RESPONSE_REFLECTION = ReflectionTemplate(
     name="compact-response",
-    version="1",
+    # v2: no "Question:" / "Draft answer:" labels. With them SmolLM2-135M began 19 of 32 answers by copying a label
+    # (accepted 19% of 16 pairs); without them 56% of the same 16 pairs were accepted.
+    version="2",
     phase=RESPONSE_REFLECTION,
     steps=(
         ReflectionStep(
             name="better_answer",
             user=(
-                "Question: {instruction}{input_block}\n\nDraft answer: {output}\n\n"
-                "Write a better answer to the question: more helpful, accurate and detailed than the draft."
+                "{instruction}{input_block}\n\nHere is a draft reply:\n\n{output}\n\n"
+                "Write a better reply: more helpful, accurate and detailed than the draft."
             ),
             prefill="[Better Answer] ",
             stop=("[End]",),
             sections={"output": "Better Answer"},
-            placeholders=("a better answer", "better answer to the question"),
+            placeholders=("a better reply", "better reply", "here is a draft reply"),
         ),
     ),
 )
