@@ -24,3 +24,12 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def sft_args(output_dir: str, epochs: int):
+    """The SFTConfig every benchmark trains with: SmolLM2-135M student on CPU."""
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=4, max_length=256,
+                     learning_rate=2e-5, logging_steps=100, save_strategy="no", report_to="none", bf16=False,
+                     gradient_checkpointing=False, use_cpu=True, seed=0, disable_tqdm=True)

@@ -13,18 +13,12 @@ import argparse
 import tempfile
 
 import torch
-from _common import Timer, machine
+from _common import Timer, machine, sft_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from reflect_trainer import Recycler, ReflectionConfig, ReflectionSFTTrainer, to_sft_dataset
 from reflect_trainer.embedded import default_oracle_path, load_alpaca_eval
-
-
-def sft_args(out: str) -> SFTConfig:
-    return SFTConfig(output_dir=out, num_train_epochs=1, per_device_train_batch_size=4, max_length=256,
-                     learning_rate=2e-5, logging_steps=100, save_strategy="no", report_to="none", bf16=False,
-                     gradient_checkpointing=False, use_cpu=True, seed=0, disable_tqdm=True)
 
 
 def main() -> None:
@@ -42,7 +36,7 @@ def main() -> None:
         def reflection_side() -> float:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             with Timer() as t:
-                trainer = ReflectionSFTTrainer(model=model, args=sft_args(f"{tmp}/a"), train_dataset=data,
+                trainer = ReflectionSFTTrainer(model=model, args=sft_args(f"{tmp}/a", 1), train_dataset=data,
                                                processing_class=tokenizer, reflection_config=reflection)
                 trainer.train()
             assert trainer.recycling_stats()["oracle_calls"] == 0
@@ -51,7 +45,7 @@ def main() -> None:
         def plain_side() -> float:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
             with Timer() as t:
-                SFTTrainer(model=model, args=sft_args(f"{tmp}/b"), train_dataset=exported,
+                SFTTrainer(model=model, args=sft_args(f"{tmp}/b", 1), train_dataset=exported,
                            processing_class=tokenizer).train()
             return t.seconds
 

@@ -11,18 +11,12 @@ import argparse
 import tempfile
 
 import torch
-from _common import Timer, machine
+from _common import Timer, machine, sft_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from reflect_trainer import Recycler, ReflectionConfig, ReflectionSFTTrainer, to_sft_dataset
 from reflect_trainer.embedded import default_oracle_path, load_alpaca_eval
-
-
-def sft_args(out: str) -> SFTConfig:
-    return SFTConfig(output_dir=out, num_train_epochs=2, per_device_train_batch_size=4, max_length=256,
-                     learning_rate=2e-5, logging_steps=100, save_strategy="no", report_to="none", bf16=False,
-                     gradient_checkpointing=False, use_cpu=True, seed=0, disable_tqdm=True)
 
 
 def main() -> None:
@@ -44,11 +38,11 @@ def main() -> None:
             exported = to_sft_dataset(recycler.recycle_dataset(data, batch_size=16))
             recycler.release_oracle()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            SFTTrainer(model=model, args=sft_args(f"{tmp}/b"), train_dataset=exported,
+            SFTTrainer(model=model, args=sft_args(f"{tmp}/b", 2), train_dataset=exported,
                        processing_class=tokenizer).train()
         with Timer() as on_the_fly:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            trainer = ReflectionSFTTrainer(model=model, args=sft_args(f"{tmp}/a"), train_dataset=data,
+            trainer = ReflectionSFTTrainer(model=model, args=sft_args(f"{tmp}/a", 2), train_dataset=data,
                                            processing_class=tokenizer, reflection_config=config("online"))
             trainer.train()
         online_stats = trainer.recycling_stats()

@@ -106,14 +106,7 @@ def main() -> None:
     model_path = resolve_model_path(model_config.model_name_or_path or EMBEDDED)
     check_hardware(recipe, model_path)
 
-    if recipe.dataset_path == "alpaca-eval":
-        from reflect_trainer.embedded import load_alpaca_eval
-
-        data = load_alpaca_eval()
-    else:
-        data = load_data(recipe.dataset_path)
-    if recipe.dataset_limit is not None:
-        data = data.select(range(min(recipe.dataset_limit, len(data))))
+    data = load_data(recipe.dataset_path, recipe.dataset_limit)
 
     # As TRL's own sft script does, the trainer loads the student. The distributed state must exist first: ZeRO-3
     # partitions the student under zero.Init, which reads the world size from it.

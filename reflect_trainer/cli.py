@@ -25,14 +25,7 @@ def _cmd_recycle(args) -> int:
     from .export import load_data, save_recycled, to_sft_dataset
     from .recycler import Recycler
 
-    if args.data == "alpaca-eval":
-        from .embedded import load_alpaca_eval
-
-        data = load_alpaca_eval()
-    else:
-        data = load_data(args.data)
-    if args.limit is not None:
-        data = data.select(range(min(args.limit, len(data))))
+    data = load_data(args.data, args.limit)
     config = ReflectionConfig(
         oracle_model_path=args.oracle,
         oracle_quantization=args.quantization,

@@ -30,6 +30,17 @@ class ReflectionConfig:
             Device of the oracle, e.g. `"cuda:1"`. `None`: the rank's CUDA device if any, else CPU.
         oracle_batch_size (`int`, *optional*, defaults to `16`):
             Most prompts per `generate` call; a larger request is split.
+        oracle_base_url (`str` or `None`, *optional*, defaults to `None`):
+            `openai` engine: the server's URL including `/v1` (default `http://127.0.0.1:8000/v1`).
+        oracle_served_model (`str` or `None`, *optional*, defaults to `None`):
+            `openai` engine: the model name the server knows (default: the folder name of `oracle_model_path`,
+            which then only needs the tokenizer files).
+        oracle_api_key_env (`str`, *optional*, defaults to `"OPENAI_API_KEY"`):
+            `openai` engine: environment variable that holds the API key (the key is never logged).
+        oracle_concurrency (`int`, *optional*, defaults to `8`):
+            `openai` engine: requests in flight at once.
+        oracle_timeout (`float`, *optional*, defaults to `300.0`):
+            `openai` engine: seconds per request before it is retried.
 
         > Method
 
@@ -82,6 +93,11 @@ class ReflectionConfig:
     oracle_quantization: str = field(default="nf4", metadata={"help": "nf4, int8 or none."})
     oracle_device: str | None = field(default=None, metadata={"help": "Oracle device; None: auto."})
     oracle_batch_size: int = field(default=16, metadata={"help": "Most prompts per generate call."})
+    oracle_base_url: str | None = field(default=None, metadata={"help": "openai engine: server URL with /v1."})
+    oracle_served_model: str | None = field(default=None, metadata={"help": "openai engine: served model name."})
+    oracle_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai engine: API key variable."})
+    oracle_concurrency: int = field(default=8, metadata={"help": "openai engine: requests in flight."})
+    oracle_timeout: float = field(default=300.0, metadata={"help": "openai engine: seconds per request."})
     mode: str = field(default="both", metadata={"help": "instruction, response or both.", "choices": list(MODES)})
     template_set: str = field(default="auto", metadata={"help": "paper, compact or auto."})
     instruction_template_path: str | None = field(default=None, metadata={"help": "Own instruction template file."})

@@ -54,10 +54,20 @@ def save_recycled(dataset, path: str | Path) -> Path:
     return path
 
 
-def load_data(path: str | Path):
-    """Load a JSON/JSONL/Parquet file or a ``datasets`` folder as a map-style ``datasets.Dataset``."""
+def load_data(path: str | Path, limit: int | None = None):
+    """Load a JSON/JSONL/Parquet file, a ``datasets`` folder, or ``"alpaca-eval"`` (the embedded real pairs) as a
+    map-style ``datasets.Dataset``, keeping the first ``limit`` rows if given."""
+    data = _load_data(path)
+    return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+
+def _load_data(path: str | Path):
     from datasets import Dataset, load_from_disk
 
+    if str(path) == "alpaca-eval":
+        from .embedded import load_alpaca_eval
+
+        return load_alpaca_eval()
     path = Path(path)
     if path.is_dir():
         return load_from_disk(str(path))

@@ -132,7 +132,7 @@ class Recycler:
         self.config = config or ReflectionConfig()
         self._oracle = oracle
         self._oracle_path = self.config.oracle_model_path
-        uses_default = oracle is None and self._oracle_path is None
+        uses_default = oracle is None and self._oracle_path is None and self.config.oracle_engine == "transformers"
         if uses_default:
             from .embedded import default_oracle_path
 
@@ -140,9 +140,7 @@ class Recycler:
         if oracle is not None:
             self.oracle_identity = oracle.identity
         else:
-            self.oracle_identity = oracle_identity(
-                self.config.oracle_engine, self._oracle_path, quantization=self.config.oracle_quantization
-            )
+            self.oracle_identity = oracle_identity(self.config.oracle_engine, self._oracle_path, **self._oracle_kwargs())
         self.templates = templates or resolve_templates(self.config, default_oracle=uses_default)
         self.phases = {
             "instruction": (INSTRUCTION_REFLECTION,),
@@ -159,14 +157,16 @@ class Recycler:
     def oracle(self) -> Oracle:
         if self._oracle is None:
             logger.info("loading oracle %s (%s)", self._oracle_path, self.config.oracle_quantization)
-            self._oracle = load_oracle(
-                self.config.oracle_engine,
-                self._oracle_path,
-                quantization=self.config.oracle_quantization,
-                device=self.config.oracle_device,
-                batch_size=self.config.oracle_batch_size,
-            )
+            self._oracle = load_oracle(self.config.oracle_engine, self._oracle_path, **self._oracle_kwargs())
         return self._oracle
+
+    def _oracle_kwargs(self) -> dict:
+        """Every engine's settings; each engine takes the ones it knows."""
+        c = self.config
+        kwargs = dict(quantization=c.oracle_quantization, device=c.oracle_device, batch_size=c.oracle_batch_size,
+                      base_url=c.oracle_base_url, served_model=c.oracle_served_model,
+                      api_key_env=c.oracle_api_key_env, concurrency=c.oracle_concurrency, timeout=c.oracle_timeout)
+        return {k: v for k, v in kwargs.items() if v is not None}
 
     @property
     def oracle_loaded(self) -> bool:

@@ -81,3 +81,6 @@ def test_two_processes_on_overlapping_shards_store_every_row_exactly_once(tmp_pa
     # The overlap (rows 4..11) was recycled once and both processes report the same result.
     assert [r["recycled_output"] for r in out_a[4:]] == [r["recycled_output"] for r in out_b[:8]]
     assert not list((cache_dir / "claims").iterdir())
+    shown = subprocess.run([sys.executable, "-m", "reflect_trainer.cli", "inspect", str(tmp_path / "a.out.jsonl"),
+                            "-n", "2"], capture_output=True, text=True, check=True).stdout
+    assert "12 rows" in shown and shown.count("BEFORE Q:") == 2 and "response_reflection: {" in shown

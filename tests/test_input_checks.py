@@ -109,3 +109,23 @@ def test_reflection_config_parses_next_to_trl_configs(tmp_path):
     )
     assert (reflection.mode, reflection.buffer_batches, reflection.max_new_tokens) == ("response", 3, 64)
     assert (sft.learning_rate, sft.seed, reflection.oracle_seed) == (2e-5, 7, 3)
+
+
+def test_own_template_from_a_yaml_file_is_used_and_keyed_by_its_text(tmp_path):
+    template = tmp_path / "mine.yaml"
+    template.write_text(
+        "name: my-response\nversion: '3'\nphase: response_reflection\nsteps:\n"
+        "  - name: improve\n    user: 'Improve this reply to {instruction}: {output}'\n"
+        "    prefill: '[Better Answer] '\n    stop: ['[End]']\n    sections: {output: Better Answer}\n"
+    )
+    seen = []
+
+    def script(conversation):
+        seen.append(conversation)
+        return "Red, yellow and blue are the three primary colours used in painting."
+
+    r = recycler(tmp_path, script=script, mode="response", response_template_path=str(template))
+    out = r({k: [v] for k, v in GOOD.items()}, indices=[0])
+    assert seen[0][0]["content"] == "Improve this reply to Name three primary colours.: Red, yellow and blue."
+    assert out["recycled_output"][0].startswith("Red, yellow and blue are the three")
+    assert r.templates["response_reflection"].id == "my-response@3"

@@ -93,7 +93,9 @@ def test_exported_recycled_data_is_exactly_what_was_trained_on(trained):
         for e, ids, labels in trained["batches"]:
             if e == epoch or (epoch == 1 and e == 2):
                 for row_ids, row_labels in zip(ids, labels):
-                    n = int((row_labels != -100).nonzero().max()) + 1  # strip right padding
+                    trained = (row_labels != -100).nonzero().flatten()
+                    start, n = int(trained.min()), int(trained.max()) + 1  # loss span; right padding after n
+                    assert start > 0 and bool((row_labels[start:n] == row_ids[start:n]).all())  # response only
                     seen.append(tuple(row_ids[:n].tolist()))
         assert sorted(seen) == expected
 

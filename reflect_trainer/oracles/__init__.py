@@ -54,6 +54,7 @@ class Oracle(Protocol):
 # name -> "module:Class". Adding an engine: one new module, one line here.
 ENGINES = {
     "transformers": "reflect_trainer.oracles.transformers_engine:TransformersOracle",
+    "openai": "reflect_trainer.oracles.openai_http:OpenAIHTTPOracle",
 }
 
 
@@ -64,12 +65,12 @@ def _engine_module(engine: str):
     return importlib.import_module(module_name), class_name
 
 
-def load_oracle(engine: str, model_path: str, **kwargs) -> Oracle:
+def load_oracle(engine: str, model_path: str | None, **kwargs) -> Oracle:
     module, class_name = _engine_module(engine)
     return getattr(module, class_name)(model_path, **kwargs)
 
 
-def oracle_identity(engine: str, model_path: str, **kwargs) -> str:
+def oracle_identity(engine: str, model_path: str | None, **kwargs) -> str:
     """Cache identity of an engine's oracle without loading it; each engine module defines ``identity_for``."""
     module, _ = _engine_module(engine)
     return module.identity_for(model_path, **kwargs)

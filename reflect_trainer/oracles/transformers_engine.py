@@ -65,7 +65,8 @@ class TransformersOracle:
         batch_size: Most conversations per ``generate`` call; a larger request is split.
     """
 
-    def __init__(self, model_path: str, quantization: str = "nf4", device: str | None = None, batch_size: int = 16):
+    def __init__(self, model_path: str, quantization: str = "nf4", device: str | None = None, batch_size: int = 16,
+                 **_: object):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         if quantization not in QUANTIZATIONS:
