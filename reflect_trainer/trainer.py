@@ -72,6 +72,8 @@ class ReflectionSFTTrainer(SFTTrainer):
             source = train_dataset.select(report.valid_indices) if report.skipped else train_dataset
         if args is None:
             args = SFTConfig(output_dir="reflection-sft")
+        if args.packing or args.padding_free:
+            raise ValueError("ReflectionSFTTrainer tokenizes lazily per buffer; packing/padding_free are not supported")
         # We tokenize lazily ourselves; SFTTrainer must not .map() the raw data (it peeks at one raw row only).
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=source, eval_dataset=None,
