@@ -181,6 +181,12 @@ class Recycler:
     def stats(self) -> dict[str, float]:
         return self._stats.as_dict()
 
+    def record_skipped(self, errors) -> None:
+        """Count rows dropped as bad input (by validation done elsewhere)."""
+        for err in errors:
+            self._stats.rows_skipped += 1
+            self._stats.skip_reasons[err.reason] += 1
+
     # ---- the transform -------------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
         """Batched transform: returns the batch with :data:`RECYCLED_COLUMNS` added."""
@@ -200,8 +206,7 @@ class Recycler:
                 if self.config.on_bad_row == "error":
                     raise
                 logger.warning("skipping bad row: %s", err)
-                self._stats.rows_skipped += 1
-                self._stats.skip_reasons[err.reason] += 1
+                self.record_skipped([err])
                 pairs.append(None)
                 skips.append(str(err))
         results = self.recycle_pairs([p for p in pairs if p is not None])
@@ -387,9 +392,7 @@ class Recycler:
         from datasets import Dataset
 
         report = validate_rows(dataset, self.config.on_bad_row, self.config.max_field_chars)
-        for err in report.skipped.values():
-            self._stats.rows_skipped += 1
-            self._stats.skip_reasons[err.reason] += 1
+        self.record_skipped(report.skipped.values())
         if report.skipped:
             dataset = dataset.select(report.valid_indices)
         self.expected_rows = len(dataset)

@@ -76,12 +76,12 @@ class ReflectionSFTTrainer(SFTTrainer):
             raise ValueError("ReflectionSFTTrainer tokenizes lazily per buffer; packing/padding_free are not supported")
         # We tokenize lazily ourselves; SFTTrainer must not .map() the raw data (it peeks at one raw row only).
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        super().__init__(model, args=args, data_collator=data_collator, train_dataset=source, eval_dataset=None,
-                         processing_class=processing_class, **kwargs)
+        # eval_dataset goes in raw (the Trainer checks it exists when eval_strategy is set) and is tokenized below.
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=source,
+                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         ensure_chat_template(self._tokenizer)
         self._fmt = report.fmt
         self._source = source
-        self._skipped_at_init = report.skip_counts
         if self.args.dataloader_num_workers:
             logger.warning("ReflectionSFTTrainer recycles in the main process; ignoring dataloader_num_workers")
         device = config.oracle_device
@@ -93,9 +93,7 @@ class ReflectionSFTTrainer(SFTTrainer):
             progress_bar=config.progress_bar and self.accelerator.is_local_main_process,
         )
         self.recycler = Recycler(self.reflection_config, oracle=oracle)
-        for reason, n in report.skip_counts.items():
-            self.recycler._stats.skip_reasons[reason] += n
-        self.recycler._stats.rows_skipped += len(report.skipped)
+        self.recycler.record_skipped(report.skipped.values())
         self._recycled: dict[int, dict] = {}  # source index -> recycled row
         self._tokens: dict[int, tuple] = {}  # source index -> (input_ids, completion_start)
         self._buffer_key: tuple | None = None

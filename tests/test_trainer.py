@@ -48,6 +48,7 @@ def trained(tmp_path_factory, oracle_path, alpaca_pairs):
         model=model,
         args=sft_config(tmp_path),
         train_dataset=alpaca_pairs.select(range(16)),
+        eval_dataset=alpaca_pairs.select(range(40, 44)),
         processing_class=tokenizer,
         callbacks=[counter],
         reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), max_new_tokens=32, buffer_batches=4,
@@ -73,6 +74,12 @@ def test_class_swap_trains_two_epochs_and_loss_decreases(trained):
     assert trained["trainer"].state.global_step == 16  # 16 pairs / batch 2, two epochs
 
 
+def test_eval_data_are_scored_as_given_without_oracle_work(trained):
+    calls = trained["trainer"].recycling_stats()["oracle_calls"]
+    metrics = trained["trainer"].evaluate()
+    assert metrics["eval_loss"] > 0 and trained["trainer"].recycling_stats()["oracle_calls"] == calls
+
+
 def test_epoch_two_makes_zero_oracle_calls_and_oracle_is_released(trained):
     calls = trained["counter"].at_epoch_end
     assert calls[0] > 0 and calls[1] == calls[0]
@@ -93,8 +100,8 @@ def test_exported_recycled_data_is_exactly_what_was_trained_on(trained):
         for e, ids, labels in trained["batches"]:
             if e == epoch or (epoch == 1 and e == 2):
                 for row_ids, row_labels in zip(ids, labels):
-                    trained = (row_labels != -100).nonzero().flatten()
-                    start, n = int(trained.min()), int(trained.max()) + 1  # loss span; right padding after n
+                    loss_positions = (row_labels != -100).nonzero().flatten()
+                    start, n = int(loss_positions.min()), int(loss_positions.max()) + 1  # right padding after n
                     assert start > 0 and bool((row_labels[start:n] == row_ids[start:n]).all())  # response only
                     seen.append(tuple(row_ids[:n].tolist()))
         assert sorted(seen) == expected
