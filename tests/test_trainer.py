@@ -59,7 +59,9 @@ def trained(tmp_path_factory, oracle_path, alpaca_pairs):
     original_compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *args, **kwargs):  # test instrument: what each step trained on
-        trained_batches.append((int(trainer.state.epoch or 0), inputs["input_ids"].clone(), inputs["labels"].clone()))
+        if model.training:  # evaluate() goes through compute_loss too
+            trained_batches.append((int(trainer.state.epoch or 0), inputs["input_ids"].clone(),
+                                    inputs["labels"].clone()))
         return original_compute_loss(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = recording_compute_loss
