@@ -143,15 +143,24 @@ class ReflectionSFTTrainer(SFTTrainer):
         todo = sorted({i for i in indices if i not in self._tokens})
         if not todo:
             return
-        batch = self._source[todo]
-        out = self.recycler(batch, indices=todo)
-        for j, i in enumerate(todo):
-            row = {name: values[j] for name, values in out.items()}
+        for i, row in zip(todo, self._recycle_rows(self._source[todo], todo)):
             self._recycled[i] = row
-            prompt, completion = recycled_conversation(row, self._fmt)
-            self._tokens[i] = tokenize_conversation(self._tokenizer, prompt, completion, self.args.max_length)
-        if self.reflection_config.release_oracle and self.recycler.oracle_loaded and self._rank_share <= self._tokens.keys():
-            logger.info("every pair of this rank's share is recycled: releasing the oracle")
+            self._tokens[i] = self._tokenize_recycled(row)
+        if self._rank_share <= self._tokens.keys():
+            self._release_oracle("every pair of this rank's share is recycled")
+
+    def _recycle_rows(self, batch: dict[str, list], indices: list) -> list[dict]:
+        """Run the recycling transform on a batch; return one recycled row (dict) per input row."""
+        out = self.recycler(batch, indices=indices)
+        return [{name: values[j] for name, values in out.items()} for j in range(len(indices))]
+
+    def _tokenize_recycled(self, row: dict) -> tuple:
+        prompt, completion = recycled_conversation(row, self._fmt)
+        return tokenize_conversation(self._tokenizer, prompt, completion, self.args.max_length)
+
+    def _release_oracle(self, why: str) -> None:
+        if self.reflection_config.release_oracle and self.recycler.oracle_loaded:
+            logger.info("%s: releasing the oracle", why)
             self.recycler.release_oracle()
             self.recycler.close_progress()
 
@@ -173,22 +182,17 @@ class ReflectionSFTTrainer(SFTTrainer):
         return DataLoader(stream, batch_size=None, num_workers=0)
 
     def _process_stream_buffer(self, buffer: list[tuple[int, dict]]) -> list[dict]:
-        positions = [p for p, _ in buffer]
         batch = {name: [row.get(name) for _, row in buffer] for name in buffer[0][1]}
-        out = self.recycler(batch, indices=[f"{p} of rank {self.accelerator.process_index}'s stream" for p in positions])
-        rows = [{name: values[j] for name, values in out.items()} for j in range(len(buffer))]
+        labels = [f"{p} of rank {self.accelerator.process_index}'s stream" for p, _ in buffer]
+        rows = self._recycle_rows(batch, labels)
         if not self._stream_passes_done:
             self._stream_recycled.extend(rows)
-        kept = [row for row in rows if row["skip_reason"] is None]
-        return [features(*tokenize_conversation(self._tokenizer, *recycled_conversation(row, self._fmt),
-                                                self.args.max_length)) for row in kept]
+        return [features(*self._tokenize_recycled(row)) for row in rows if row["skip_reason"] is None]
 
     def _stream_pass_end(self, passes: int) -> None:
         self._stream_passes_done = passes
-        if passes == 1 and self.reflection_config.release_oracle and self.recycler.oracle_loaded:
-            logger.info("first pass over this rank's stream done: releasing the oracle")
-            self.recycler.release_oracle()
-            self.recycler.close_progress()
+        if passes == 1:
+            self._release_oracle("first pass over this rank's stream done")
 
     def _tokenize_original(self, dataset):
         """Evaluation data are scored as given, with the student's chat template and completion-only labels."""
