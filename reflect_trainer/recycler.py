@@ -165,7 +165,9 @@ class Recycler:
         c = self.config
         kwargs = dict(quantization=c.oracle_quantization, device=c.oracle_device, batch_size=c.oracle_batch_size,
                       base_url=c.oracle_base_url, served_model=c.oracle_served_model,
-                      api_key_env=c.oracle_api_key_env, concurrency=c.oracle_concurrency, timeout=c.oracle_timeout)
+                      api_key_env=c.oracle_api_key_env, concurrency=c.oracle_concurrency, timeout=c.oracle_timeout,
+                      gpu_memory_utilization=c.oracle_gpu_memory_utilization, sleep_level=c.oracle_sleep_level,
+                      context_length=c.oracle_context_length, threads=c.oracle_threads)
         return {k: v for k, v in kwargs.items() if v is not None}
 
     @property

@@ -11,6 +11,8 @@ import importlib
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
+from ..structured import SectionFormat
+
 Conversation = list[dict[str, str]]
 
 
@@ -24,6 +26,8 @@ class GenerationSettings:
         top_p: Nucleus sampling mass, used when ``temperature > 0``.
         seed: Sampling seed, used when ``temperature > 0``.
         stop: Stop strings; generation ends at the first, which is not returned.
+        section_format: Structured output: constrain generation so the marked sections always parse (see
+            :mod:`reflect_trainer.structured`). ``None``: unconstrained.
     """
 
     max_new_tokens: int = 512
@@ -31,9 +35,16 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    section_format: SectionFormat | None = None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "stop": list(self.stop)}
+        out = {**asdict(self), "stop": list(self.stop)}
+        # Left out when unconstrained, so cache keys written before structured output existed stay valid.
+        if self.section_format is None:
+            del out["section_format"]
+        else:
+            out["section_format"] = self.section_format.to_dict()
+        return out
 
 
 @runtime_checkable
