@@ -25,25 +25,48 @@ def _cmd_recycle(args) -> int:
     from .export import load_data, save_recycled, to_sft_dataset
     from .recycler import Recycler
 
+    if args.mode == "selective" and not args.student:
+        raise SystemExit("error: --mode selective needs --student PATH: the model whose IFD scores pick the versions")
     data = load_data(args.data, args.limit)
     config = ReflectionConfig(
         oracle_model_path=args.oracle,
+        oracle_engine=args.engine,
+        oracle_base_url=args.base_url,
+        oracle_served_model=args.served_model,
         oracle_quantization=args.quantization,
         mode=args.mode,
         template_set=args.templates,
+        structured_output=args.structured_output,
+        selection_threshold=args.selection_threshold,
+        selection_drop=args.selection_drop,
         max_new_tokens=args.max_new_tokens,
         cache_dir=args.cache_dir or str(Path(args.out).with_suffix("")) + ".cache",
         on_bad_row=args.on_bad_row,
         oracle_batch_size=args.batch_size,
     )
-    recycler = Recycler(config)
+    recycler = Recycler(config, scorer=_student_scorer(args.student) if args.student else None)
     recycled = recycler.recycle_dataset(data, batch_size=args.batch_size)
-    out = save_recycled(to_sft_dataset(recycled), args.out)
+    out = save_recycled(to_sft_dataset(recycled, keep_dropped=True), args.out)
     stats = recycler.stats()
     stats_path = out.with_name(out.name + ".stats.json")
     stats_path.write_text(json.dumps(stats, indent=2))
     print(f"wrote {len(recycled)} recycled rows to {out} (counters in {stats_path})")
     return 0
+
+
+def _student_scorer(path: str):
+    """Selective mode offline: score with a local student model, as the paper did before training."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .chat import ensure_chat_template
+    from .selection import StudentScorer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_chat_template(tokenizer)
+    on_cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if on_cuda else torch.float32)
+    return StudentScorer(model.to("cuda" if on_cuda else "cpu"), tokenizer)
 
 
 def _cmd_inspect(args) -> int:
@@ -73,6 +96,31 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .export import load_data
+    from .report import write_report
+
+    html_path = args.html or str(args.out).rstrip("/") + ".report.html"
+    path = write_report(load_data(args.out), html_path, max_rows=args.max_rows, title=str(args.out))
+    print(f"wrote report on {args.out} to {path}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluation import evaluate_pair, format_summary
+
+    judge_kwargs = {k: v for k, v in (("base_url", args.judge_base_url), ("served_model", args.judge_served_model))
+                    if v is not None}
+    result = evaluate_pair(
+        args.model_a, args.model_b, args.out, judge=args.judge, judge_engine=args.judge_engine,
+        judge_kwargs=judge_kwargs, questions=args.questions, n=args.n, ifeval_n=args.ifeval_n,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, quantization=args.quantization,
+    )
+    print(format_summary(result))
+    print(f"wrote answers, verdicts and scores to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflect-trainer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -83,10 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recycle", help="recycle a data set offline (resumable: rerun to continue)")
     rec.add_argument("data", help="JSON/JSONL/Parquet file, a datasets folder, or 'alpaca-eval' (embedded data)")
     rec.add_argument("--out", required=True, help="output .jsonl, .parquet, or folder")
-    rec.add_argument("--oracle", default=None, help="local oracle folder (default: embedded SmolLM2-135M-Instruct)")
+    rec.add_argument("--oracle", default=None, help="local oracle folder or .gguf (default: embedded SmolLM2-135M)")
+    rec.add_argument("--engine", default="transformers", help="oracle engine: transformers, llama_cpp, vllm, openai")
+    rec.add_argument("--base-url", default=None, help="openai engine: server root including /v1")
+    rec.add_argument("--served-model", default=None, help="openai engine: model name the server knows")
     rec.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "none"])
-    rec.add_argument("--mode", default="both", choices=["instruction", "response", "both"])
+    rec.add_argument("--mode", default="both", choices=["instruction", "response", "both", "selective"])
+    rec.add_argument("--student", default=None, help="selective mode: local student model that scores the versions")
+    rec.add_argument("--selection-threshold", type=float, default=1.0)
+    rec.add_argument("--selection-drop", action="store_true", help="selective: mark rows that fail the rule dropped")
     rec.add_argument("--templates", default="auto", choices=["auto", "paper", "compact"])
+    rec.add_argument("--structured-output", action="store_true", help="constrain outputs to the section format")
     rec.add_argument("--max-new-tokens", type=int, default=512)
     rec.add_argument("--batch-size", type=int, default=16)
     rec.add_argument("--limit", type=int, default=None, help="recycle only the first N rows")
@@ -97,6 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("out")
     ins.add_argument("-n", type=int, default=3)
     ins.add_argument("--width", type=int, default=300)
+
+    rep = sub.add_parser("report", help="write one self-contained HTML page about a recycled data set")
+    rep.add_argument("out", help="a recycled export (what `recycle --out` wrote)")
+    rep.add_argument("--html", default=None, help="where to write the page (default: OUT + .report.html)")
+    rep.add_argument("--max-rows", type=int, default=200, help="pairs shown side by side (the rest are counted)")
+
+    ev = sub.add_parser("eval", help="compare two models: pairwise judge in both orders, plus IFEval")
+    ev.add_argument("--model-a", required=True, help="local model folder (outcomes are A's: win = A better)")
+    ev.add_argument("--model-b", required=True, help="local model folder")
+    ev.add_argument("--judge", default=None, help="judge model folder (default: embedded SmolLM2-135M-Instruct)")
+    ev.add_argument("--judge-engine", default="transformers",
+                    help="any oracle engine (transformers, openai, llama_cpp, vllm); default: transformers")
+    ev.add_argument("--judge-base-url", default=None, help="openai engine: server root including /v1")
+    ev.add_argument("--judge-served-model", default=None, help="openai engine: model name sent in requests")
+    ev.add_argument("--questions", default="vicuna",
+                    help="AlpacaEval subset (vicuna, koala, oasst, selfinstruct, helpful_base) or a question file")
+    ev.add_argument("--n", type=int, default=20, help="questions judged (0: skip the pairwise comparison)")
+    ev.add_argument("--ifeval-n", type=int, default=50, help="IFEval prompts scored (0: skip IFEval)")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
+    ev.add_argument("--out", required=True, help="JSON file for answers, verdicts, lengths and the summary")
     return parser
 
 
@@ -108,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     from .formats import BadRowError
 
     try:
-        return {"fetch": _cmd_fetch, "recycle": _cmd_recycle, "inspect": _cmd_inspect}[args.command](args)
+        commands = {"fetch": _cmd_fetch, "recycle": _cmd_recycle, "inspect": _cmd_inspect, "report": _cmd_report,
+                    "eval": _cmd_eval}
+        return commands[args.command](args)
     except BadRowError as err:
         logger.error("%s", err)
         return 2

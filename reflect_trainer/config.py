@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 MODES = ("instruction", "response", "both", "selective")
 OVERLAP = ("auto", "on", "off")
+STRUCTURED_OUTPUT_APIS = ("vllm", "vllm_guided", "llama.cpp", "none")
 
 
 @dataclass
@@ -44,13 +45,18 @@ class ReflectionConfig:
             `openai` engine: requests in flight at once.
         oracle_timeout (`float`, *optional*, defaults to `300.0`):
             `openai` engine: seconds per request before it is retried.
+        oracle_structured_output_api (`str`, *optional*, defaults to `"vllm"`):
+            `openai` engine, with `structured_output`: how the server takes the constraint. `"vllm"` (vLLM >= 0.10.2,
+            `structured_outputs` regex), `"vllm_guided"` (vLLM < 0.12, `guided_regex`), `"llama.cpp"` (GBNF
+            `grammar`) or `"none"`. A server ignores a field it does not know and answers unconstrained.
         oracle_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
             `vllm` engine: share of the GPU's memory vLLM may take (the student trains in the rest).
         oracle_sleep_level (`int`, *optional*, defaults to `1`):
             `vllm` engine: between recycling calls the oracle sleeps so the student can use the memory: `1` offloads
             the weights to CPU memory and drops the KV cache, `2` drops both, `0` never sleeps.
         oracle_context_length (`int`, *optional*, defaults to `4096`):
-            `llama_cpp` engine: context window, shared by all sequences of a batch.
+            `llama_cpp` engine: context window, shared by all sequences of a batch. `vllm` engine: longest prompt plus
+            output (`max_model_len`), capped at the model's maximum.
         oracle_threads (`int` or `None`, *optional*, defaults to `None`):
             `llama_cpp` engine: CPU threads; `None` uses every core.
 
@@ -128,9 +134,11 @@ class ReflectionConfig:
     oracle_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai engine: API key variable."})
     oracle_concurrency: int = field(default=8, metadata={"help": "openai engine: requests in flight."})
     oracle_timeout: float = field(default=300.0, metadata={"help": "openai engine: seconds per request."})
+    oracle_structured_output_api: str = field(default="vllm", metadata={
+        "help": "openai engine: structured-output field the server takes.", "choices": list(STRUCTURED_OUTPUT_APIS)})
     oracle_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm engine: GPU memory share."})
     oracle_sleep_level: int = field(default=1, metadata={"help": "vllm engine: sleep level between calls (0: never)."})
-    oracle_context_length: int = field(default=4096, metadata={"help": "llama_cpp engine: context window."})
+    oracle_context_length: int = field(default=4096, metadata={"help": "llama_cpp, vllm engines: context window."})
     oracle_threads: int | None = field(default=None, metadata={"help": "llama_cpp engine: CPU threads."})
     mode: str = field(default="both", metadata={"help": "instruction, response, both or selective.",
                                                  "choices": list(MODES)})
@@ -163,6 +171,9 @@ class ReflectionConfig:
             raise ValueError(f"buffer_batches must be >= 1, got {self.buffer_batches}")
         if self.overlap not in OVERLAP:
             raise ValueError(f"overlap must be one of {OVERLAP}, got {self.overlap!r}")
+        if self.oracle_structured_output_api not in STRUCTURED_OUTPUT_APIS:
+            raise ValueError(f"oracle_structured_output_api must be one of {STRUCTURED_OUTPUT_APIS}, "
+                             f"got {self.oracle_structured_output_api!r}")
         if not 0 < self.oracle_gpu_memory_utilization < 1:
             raise ValueError(f"oracle_gpu_memory_utilization must be in (0, 1), got {self.oracle_gpu_memory_utilization}")
         if self.oracle_sleep_level not in (0, 1, 2):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .formats import MESSAGES, PROMPT_COMPLETION, Pair, detect_format, row_to_pair
 
+DROPPED_BY_SELECTION = "dropped_by_selection"  # skip_reason of a row the selection rule dropped
+
 logger = logging.getLogger(__name__)
 
 _FORMAT_COLUMNS = ("messages", "prompt", "completion")
@@ -27,13 +29,15 @@ def recycled_conversation(row: dict, fmt: str) -> tuple[list[dict], list[dict]]:
     return [*history, {"role": "user", "content": user}], [{"role": "assistant", "content": row["recycled_output"]}]
 
 
-def to_sft_dataset(recycled):
-    """Add ``prompt``/``completion`` columns to a recycled ``datasets.Dataset``; drop rows skipped as bad input."""
+def to_sft_dataset(recycled, keep_dropped: bool = False):
+    """Add ``prompt``/``completion`` columns to a recycled ``datasets.Dataset``; drop rows skipped as bad input, and
+    rows the selection rule dropped unless ``keep_dropped`` (they keep their scores and original text)."""
     fmt = detect_format([c for c in recycled.column_names if not c.startswith(("recycled_", "reflected_"))])
     before = len(recycled)
-    recycled = recycled.filter(lambda r: r["skip_reason"] is None)
+    kept = (None, DROPPED_BY_SELECTION) if keep_dropped else (None,)
+    recycled = recycled.filter(lambda r: r["skip_reason"] in kept)
     if len(recycled) < before:
-        logger.warning("export: dropped %d rows that were skipped as bad input", before - len(recycled))
+        logger.warning("export: left out %d rows (bad input, or dropped by the selection rule)", before - len(recycled))
     renames = {c: f"original_{c}" for c in _FORMAT_COLUMNS if c in recycled.column_names}
     conversations = [recycled_conversation(row, fmt) for row in recycled]
     out = recycled.rename_columns(renames) if renames else recycled

@@ -20,6 +20,7 @@ from typing import Any
 
 from .cache import RecycleCache, cache_key
 from .config import ReflectionConfig
+from .export import DROPPED_BY_SELECTION
 from .formats import BadRowError, Pair, detect_format, row_to_pair, validate_rows
 from .oracles import GenerationSettings, Oracle, load_oracle, oracle_identity
 from .parsing import (
@@ -30,6 +31,7 @@ from .parsing import (
     parse_step_output,
 )
 from .templates import (
+    END_MARKER,
     INSTRUCTION_REFLECTION,
     RESPONSE_REFLECTION,
     TEMPLATE_SETS,
@@ -38,6 +40,8 @@ from .templates import (
     render,
     render_fields,
 )
+from .selection import SCORING_VERSION, VERSIONS, PairScores, select_version
+from .structured import section_format_for
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,19 @@ RECYCLED_COLUMNS = (
     "response_reflection_fallback",
     "skip_reason",
 )
+#: Columns added in ``selective`` mode: the ``a`` version (response reflection of the original), the ``qa`` answer
+#: (``reflected_instruction`` is its instruction), the student's scores of every version, and the version trained
+#: on (``None``: dropped, with ``selection_drop``).
+SELECTION_COLUMNS = (
+    "a_output",
+    "a_raw",
+    "a_fallback",
+    "qa_output",
+    *(f"{score}_{version}" for score in ("ifd", "rifd") for version in VERSIONS),
+    "selected_version",
+)
+#: Stats label of response reflection applied to the original pair (``a``) in selective mode.
+RESPONSE_REFLECTION_OF_ORIGINAL = "response_reflection_of_original"
 
 
 @dataclass
@@ -61,6 +78,16 @@ class PhaseOutcome:
     pair: Pair  # the phase's result: the new pair, or the input pair when it fell back
     raw: str  # the oracle's texts for this phase, pre-fills included, steps separated by blank lines
     reason: str | None  # fallback reason, None when accepted
+
+
+@dataclass
+class ReflectedBatch:
+    """A batch after the oracle phases, before selection: what :meth:`Recycler.reflect` hands to :meth:`finish`."""
+
+    batch: dict[str, list]
+    pairs: list[Pair | None]  # None: a bad row, skipped
+    skips: list[str | None]  # why it was skipped
+    outcomes: list[dict[str, Any]]  # per valid pair
 
 
 @dataclass
@@ -80,17 +107,23 @@ class RecycleStats:
     oracle_tokens: int = 0
     oracle_seconds: float = 0.0
     phase_counts: Counter = field(default_factory=Counter)  # (phase, "parsed"|"accepted"|"total"|reason)
+    scores_computed: int = 0
+    scores_cached: int = 0
+    selected: Counter = field(default_factory=Counter)  # version -> rows ("dropped" for None)
 
     def as_dict(self) -> dict[str, float]:
+        # list(...) snapshots: the Trainer's log reads these while a background prefetch may add keys.
         out: dict[str, float] = {
-            k: v for k, v in self.__dict__.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            k: v for k, v in list(self.__dict__.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         out["oracle_tokens_per_s"] = self.oracle_tokens / self.oracle_seconds if self.oracle_seconds else 0.0
-        for reason, n in self.skip_reasons.items():
+        for reason, n in list(self.skip_reasons.items()):
             out[f"skipped/{reason}"] = n
-        for (phase, what), n in self.phase_counts.items():
+        for (phase, what), n in list(self.phase_counts.items()):
             out[f"{phase}/{what}"] = n
-        for phase in (INSTRUCTION_REFLECTION, RESPONSE_REFLECTION):
+        for version, n in list(self.selected.items()):
+            out[f"selected/{version}"] = n
+        for phase in (INSTRUCTION_REFLECTION, RESPONSE_REFLECTION, RESPONSE_REFLECTION_OF_ORIGINAL):
             total = self.phase_counts.get((phase, "total"), 0)
             if total:
                 out[f"{phase}/parse_rate"] = self.phase_counts[(phase, "parsed")] / total
@@ -121,6 +154,8 @@ class Recycler:
         oracle: An already-built oracle. By default it is built from ``config`` the first time a cache miss needs
             it, so a fully cached run never loads a model.
         templates: Override the templates per phase (``{"instruction_reflection": ..., ...}``).
+        scorer: ``selective`` mode: what scores the versions of a pair (a
+            :class:`~reflect_trainer.selection.StudentScorer` around the student). ``ReflectionSFTTrainer`` passes one.
     """
 
     def __init__(
@@ -128,8 +163,17 @@ class Recycler:
         config: ReflectionConfig | None = None,
         oracle: Oracle | None = None,
         templates: dict[str, ReflectionTemplate] | None = None,
+        scorer=None,
     ):
         self.config = config or ReflectionConfig()
+        if self.config.mode == "selective" and scorer is None:
+            raise ValueError(
+                "mode='selective' needs the student to score the versions of each pair: use ReflectionSFTTrainer, "
+                "or Recycler(config, scorer=StudentScorer(model, tokenizer))"
+            )
+        if self.config.oracle_engine == "self" and oracle is None:
+            raise ValueError("oracle_engine='self' uses the student being trained: use ReflectionSFTTrainer")
+        self.scorer = scorer
         self._oracle = oracle
         self._oracle_path = self.config.oracle_model_path
         uses_default = oracle is None and self._oracle_path is None and self.config.oracle_engine == "transformers"
@@ -146,7 +190,9 @@ class Recycler:
             "instruction": (INSTRUCTION_REFLECTION,),
             "response": (RESPONSE_REFLECTION,),
             "both": (INSTRUCTION_REFLECTION, RESPONSE_REFLECTION),
+            "selective": (INSTRUCTION_REFLECTION, RESPONSE_REFLECTION),
         }[self.config.mode]
+        self.columns = RECYCLED_COLUMNS + (SELECTION_COLUMNS if self.config.mode == "selective" else ())
         self.cache = RecycleCache(self.config.cache_dir)
         self._stats = RecycleStats()
         self._progress = None
@@ -166,6 +212,7 @@ class Recycler:
         kwargs = dict(quantization=c.oracle_quantization, device=c.oracle_device, batch_size=c.oracle_batch_size,
                       base_url=c.oracle_base_url, served_model=c.oracle_served_model,
                       api_key_env=c.oracle_api_key_env, concurrency=c.oracle_concurrency, timeout=c.oracle_timeout,
+                      structured_output_api=c.oracle_structured_output_api,
                       gpu_memory_utilization=c.oracle_gpu_memory_utilization, sleep_level=c.oracle_sleep_level,
                       context_length=c.oracle_context_length, threads=c.oracle_threads)
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -191,7 +238,14 @@ class Recycler:
 
     # ---- the transform -------------------------------------------------------------------------------------
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
-        """Batched transform: returns the batch with :data:`RECYCLED_COLUMNS` added."""
+        """Batched transform: returns the batch with :attr:`columns` added."""
+        return self.finish(self.reflect(batch, indices))
+
+    def reflect(self, batch: dict[str, list], indices: list[int] | None = None) -> "ReflectedBatch":
+        """First half of the transform: check the rows and run the oracle phases (no student involved).
+
+        Safe in a background thread while the student trains; :meth:`finish` then runs in the training thread.
+        """
         n = len(next(iter(batch.values()))) if batch else 0
         fmt = detect_format(batch.keys())
         if indices is None and "row_index" in batch:
@@ -211,32 +265,97 @@ class Recycler:
                 self.record_skipped([err])
                 pairs.append(None)
                 skips.append(str(err))
-        results = self.recycle_pairs([p for p in pairs if p is not None])
-        it = iter(results)
-        columns: dict[str, list] = {name: [] for name in RECYCLED_COLUMNS}
-        for pair, skip in zip(pairs, skips):
-            row = _row_columns(pair, next(it)) if pair is not None else {**dict.fromkeys(RECYCLED_COLUMNS), "skip_reason": skip}
-            for name in RECYCLED_COLUMNS:
-                columns[name].append(row[name])
-        return {**batch, **columns}
+        outcomes = self._run_phases([p for p in pairs if p is not None])
+        return ReflectedBatch(batch, pairs, skips, outcomes)
 
-    def recycle_pairs(self, pairs: list[Pair]) -> list[dict[str, PhaseOutcome]]:
-        """Run the configured phases over ``pairs``; returns, per pair, each phase's outcome."""
+    def finish(self, reflected: "ReflectedBatch") -> dict[str, list]:
+        """Second half of the transform: in selective mode the student scores and picks; then the columns."""
+        self._complete([p for p in reflected.pairs if p is not None], reflected.outcomes)
+        it = iter(reflected.outcomes)
+        columns: dict[str, list] = {name: [] for name in self.columns}
+        for pair, skip in zip(reflected.pairs, reflected.skips):
+            row = _row_columns(pair, next(it)) if pair is not None else {**dict.fromkeys(self.columns), "skip_reason": skip}
+            for name in self.columns:
+                columns[name].append(row[name])
+        return {**reflected.batch, **columns}
+
+    def recycle_pairs(self, pairs: list[Pair]) -> list[dict[str, Any]]:
+        """Run the configured phases over ``pairs``; returns, per pair, each phase's outcome (and, in selective
+        mode, the ``a`` outcome under :data:`RESPONSE_REFLECTION_OF_ORIGINAL` and the ``selection``)."""
+        outcomes = self._run_phases(pairs)
+        self._complete(pairs, outcomes)
+        return outcomes
+
+    def _complete(self, pairs: list[Pair], outcomes: list[dict[str, Any]]) -> None:
+        """Selective mode: the student scores and picks (``outcome["selection"]``). Then count the rows done."""
+        if self.config.mode == "selective":
+            for outcome, selection in zip(outcomes, self._select(pairs, outcomes)):
+                outcome["selection"] = selection
+        self._stats.rows_recycled += len(pairs)
+        self._tick(len(pairs))
+
+    def _run_phases(self, pairs: list[Pair]) -> list[dict[str, Any]]:
         self._stats.rows_seen += len(pairs)
         self._stats.marker_like_rows += sum(
             has_marker_like_text(p.instruction + p.input + p.output) for p in pairs
         )
         self._open_progress()
-        outcomes: list[dict[str, PhaseOutcome]] = [{} for _ in pairs]
-        current = list(pairs)
-        for phase in self.phases:
-            results = self._run_phase(self.templates[phase], current)
-            for i, outcome in enumerate(results):
-                outcomes[i][phase] = outcome
-                current[i] = outcome.pair
-        self._stats.rows_recycled += len(pairs)
-        self._tick(len(pairs))
+        outcomes: list[dict[str, Any]] = [{} for _ in pairs]
+        if self.config.mode == "selective":
+            # Response reflection of the original (a) and of the reflected pair (qa) go to the oracle in one call;
+            # where instruction reflection fell back the two are the same prompt, generated once (same cache key).
+            reflected = self._run_phase(self.templates[INSTRUCTION_REFLECTION], pairs)
+            answers = self._run_phase(self.templates[RESPONSE_REFLECTION], [*pairs, *(o.pair for o in reflected)],
+                                      [RESPONSE_REFLECTION_OF_ORIGINAL] * len(pairs) + [RESPONSE_REFLECTION] * len(pairs))
+            for i in range(len(pairs)):
+                outcomes[i] = {INSTRUCTION_REFLECTION: reflected[i], RESPONSE_REFLECTION_OF_ORIGINAL: answers[i],
+                               RESPONSE_REFLECTION: answers[len(pairs) + i]}
+        else:
+            current = list(pairs)
+            for phase in self.phases:
+                results = self._run_phase(self.templates[phase], current)
+                for i, outcome in enumerate(results):
+                    outcomes[i][phase] = outcome
+                    current[i] = outcome.pair
         return outcomes
+
+    # ---- selective reflection ------------------------------------------------------------------------------------
+    def _select(self, pairs: list[Pair], outcomes: list[dict]) -> list[dict]:
+        """Score every version of every pair with the student (cached) and apply the paper's rule."""
+        texts = []
+        for pair, outcome in zip(pairs, outcomes):
+            versions = _versions(pair, outcome)
+            texts += [(_request(versions[v]), versions[v].output) for v in VERSIONS]
+        scores = self._cached_scores(texts)
+        selections = []
+        for i, pair in enumerate(pairs):
+            by_version = dict(zip(VERSIONS, scores[4 * i : 4 * i + 4]))
+            chosen = select_version(by_version, self.config.selection_threshold, self.config.selection_drop)
+            self._stats.selected[chosen or "dropped"] += 1
+            selections.append({"scores": by_version, "version": chosen})
+        return selections
+
+    def _cached_scores(self, texts: list[tuple[str, str]]) -> list[PairScores]:
+        """Scores by content address. Computed scores are stored durably, like oracle texts; the choice is made
+        on read, so changing the threshold needs no rescoring."""
+        keys = [cache_key({"kind": "scores", "scoring": SCORING_VERSION, "scorer": self.scorer.identity,
+                           "instruction": q, "answer": a}) for q, a in texts]
+        self.cache.refresh()
+        order, seen = [], set()
+        for i, k in enumerate(keys):
+            if k not in self.cache and k not in seen:
+                order.append(i)
+                seen.add(k)
+        computed: dict[str, PairScores] = {}
+        if order or self.scorer.lockstep:  # a lockstep scorer is called even with nothing to do: its peers wait
+            for i, scores in zip(order, self.scorer.score([texts[i] for i in order])):
+                computed.setdefault(keys[i], scores)
+            self.cache.put_many([{"key": k, "kind": "scores", "ifd": v.ifd, "reverse_ifd": v.reverse_ifd,
+                                  "t": time.time()} for k, v in computed.items() if k not in self.cache])
+        self._stats.scores_computed += len(order)
+        self._stats.scores_cached += len(keys) - len(order)
+        records = {k: self.cache.get(k) for k in keys if k not in computed}
+        return [computed.get(k) or PairScores(records[k]["ifd"], records[k]["reverse_ifd"]) for k in keys]
 
     def _open_progress(self) -> None:
         if self.config.progress_bar and self._progress is None:
@@ -252,8 +371,9 @@ class Recycler:
         self._progress.set_postfix(hits=s.cache_hits, oracle_tok=s.oracle_tokens, refresh=False)
 
     # ---- one phase -------------------------------------------------------------------------------------------
-    def _run_phase(self, template: ReflectionTemplate, inputs: list[Pair]) -> list[PhaseOutcome]:
-        phase = template.phase
+    def _run_phase(self, template: ReflectionTemplate, inputs: list[Pair],
+                   stat_labels: list[str] | None = None) -> list[PhaseOutcome]:
+        labels = stat_labels or [template.phase] * len(inputs)
         fields = [{"instruction": p.instruction, "input": p.input, "output": p.output} for p in inputs]
         raws: list[list[str]] = [[] for _ in inputs]
         reasons: list[str | None] = [None] * len(inputs)
@@ -286,7 +406,7 @@ class Recycler:
                     reasons[i] = parsed.reason
         outcomes = []
         for i, pair in enumerate(inputs):
-            reason = reasons[i]
+            reason, phase = reasons[i], labels[i]
             self._stats.phase_counts[(phase, "total")] += 1
             if reason not in UNPARSED_REASONS:
                 self._stats.phase_counts[(phase, "parsed")] += 1
@@ -309,21 +429,26 @@ class Recycler:
         if step.prefill:
             prefill = render(step.prefill, safe)
             conversation.append({"role": "assistant", "content": prefill})
-            opener = marker_regex(list(step.sections.values())).match(prefill)
+            opener = _prefill_opener(step, prefill)
             if opener:
-                prefill_section = next(n for n in step.sections.values() if re.fullmatch(
-                    r"\[\s*" + r"\s+".join(map(re.escape, n.split())) + r"\s*\]\s*:?\s*", opener.group(0), re.I))
-                prefill_body = prefill[opener.end():]
+                prefill_section, prefill_body = opener[0], prefill[opener[1]:]
         return conversation, prefill_section, prefill_body
 
     def _settings(self, step: ReflectionStep) -> GenerationSettings:
         c = self.config
+        section_format, stop = None, step.stop
+        if c.structured_output:
+            opener = _prefill_opener(step, step.prefill)
+            section_format = section_format_for(step.sections, opener[0] if opener else None)
+            # The format ends the output itself after the last [End]; an [End] stop would cut it after the first.
+            stop = tuple(s for s in step.stop if END_MARKER.lower() not in s.lower())
         return GenerationSettings(
             max_new_tokens=step.max_new_tokens or c.max_new_tokens,
             temperature=c.temperature,
             top_p=c.top_p,
             seed=c.oracle_seed,
-            stop=step.stop,
+            stop=stop,
+            section_format=section_format,
         )
 
     def _generate_cached(self, template: ReflectionTemplate, step: ReflectionStep, conversations: list) -> list[dict]:
@@ -431,15 +556,39 @@ class Recycler:
         )
 
 
+def _prefill_opener(step: ReflectionStep, prefill: str) -> tuple[str, int] | None:
+    """``(section name, end offset)`` of the section marker a pre-fill starts with, if any."""
+    opener = marker_regex(list(step.sections.values())).match(prefill)
+    if not opener:
+        return None
+    name = next(n for n in step.sections.values() if re.fullmatch(
+        r"\[\s*" + r"\s+".join(map(re.escape, n.split())) + r"\s*\]\s*:?\s*", opener.group(0), re.I))
+    return name, opener.end()
+
+
+def _request(pair: Pair) -> str:
+    return pair.instruction + (f"\n\n{pair.input}" if pair.input else "")
+
+
+def _versions(pair: Pair, outcome: dict) -> dict[str, Pair]:
+    """The paper's four versions of a row: original, q, a (response-reflected original), qa."""
+    q = outcome[INSTRUCTION_REFLECTION].pair
+    return {"original": pair, "q": q, "a": outcome[RESPONSE_REFLECTION_OF_ORIGINAL].pair,
+            "qa": outcome[RESPONSE_REFLECTION].pair}
+
+
 def _boilerplate(step: ReflectionStep) -> str:
     """The template's own words around the data: an output that repeats them is an echo of the prompt."""
     return re.sub(r"\{\w+\}", " ", f"{step.system or ''}\n{step.user}")
 
 
-def _row_columns(pair: Pair, outcome: dict[str, PhaseOutcome]) -> dict[str, Any]:
+def _row_columns(pair: Pair, outcome: dict[str, Any]) -> dict[str, Any]:
     ir, rr = outcome.get(INSTRUCTION_REFLECTION), outcome.get(RESPONSE_REFLECTION)
     final = (rr or ir).pair
-    return {
+    selection = outcome.get("selection")
+    if selection is not None:
+        final = _versions(pair, outcome)[selection["version"] or "original"]
+    row = {
         "recycled_instruction": final.instruction,
         "recycled_input": final.input,
         "recycled_output": final.output,
@@ -451,3 +600,12 @@ def _row_columns(pair: Pair, outcome: dict[str, PhaseOutcome]) -> dict[str, Any]
         "response_reflection_fallback": rr.reason if rr else None,
         "skip_reason": None,
     }
+    if selection is not None:
+        a = outcome[RESPONSE_REFLECTION_OF_ORIGINAL]
+        row.update(a_output=a.pair.output, a_raw=a.raw, a_fallback=a.reason, qa_output=rr.pair.output,
+                   selected_version=selection["version"])
+        for version, scores in selection["scores"].items():
+            row[f"ifd_{version}"], row[f"rifd_{version}"] = scores.ifd, scores.reverse_ifd
+        if selection["version"] is None:
+            row["skip_reason"] = DROPPED_BY_SELECTION
+    return row

@@ -51,14 +51,15 @@ class RecycleBufferSampler(Sampler):
             short = -len(order) % self.buffer_size
         return order
 
+    def rank_slices(self, epoch: int, rank: int) -> list[list[int]]:
+        """Rank ``rank``'s slice of every buffer of ``epoch``, in order: what its collator sees."""
+        order, per_rank = self.order(epoch), self.batch_size * self.buffer_batches
+        return [order[start + rank * per_rank : start + (rank + 1) * per_rank]
+                for start in range(0, len(order), self.buffer_size)]
+
     def rank_share(self, epoch: int, rank: int) -> set[int]:
         """Indices that rank ``rank`` draws in ``epoch``."""
-        order, per_rank = self.order(epoch), self.batch_size * self.buffer_batches
-        return {
-            i
-            for start in range(0, len(order), self.buffer_size)
-            for i in order[start + rank * per_rank : start + (rank + 1) * per_rank]
-        }
+        return {i for piece in self.rank_slices(epoch, rank) for i in piece}
 
     def __iter__(self):
         order = self.order(self.epoch)

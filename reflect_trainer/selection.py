@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 GUESS_INSTRUCTION_PROMPT = (
     "Below is a response from an AI assistant. Guess the instruction that it answers.\n\nResponse:\n{response}\n\n"
     "Instruction:\n"
@@ -27,9 +25,10 @@ class PairScores:
     reverse_ifd: float
 
 
-@torch.no_grad()
 def mean_target_nll(model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
     """Mean negative log-likelihood of each ``target`` given its ``context`` (token ids), batched, right-padded."""
+    import torch  # here, not at the top: the recycler imports this module, and the CLI should start fast
+
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(sequences), batch_size):
@@ -43,7 +42,8 @@ def mean_target_nll(model, sequences: list[tuple[list[int], list[int]]], batch_s
             ids[row, : len(full)] = torch.tensor(full)
             mask[row, : len(full)] = 1
             labels[row, len(context) : len(full)] = torch.tensor(target)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
         nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, reduction="none",
                                                 ignore_index=-100)
@@ -92,3 +92,81 @@ def select_version(scores: dict[str, PairScores], threshold: float = 1.0, drop_i
     elif a.reverse_ifd < original.reverse_ifd and a.reverse_ifd < threshold and a.ifd < threshold:
         return "a"
     return None if drop_instead else "original"
+
+
+#: The four versions of a row, in the paper's names.
+VERSIONS = ("original", "q", "a", "qa")
+#: Bump when the scoring prompt or method changes: it is part of the cache key of every score.
+SCORING_VERSION = "ifd@1"
+
+
+class StudentScorer:
+    """Scores ``(instruction, answer)`` pairs with the student: IFD and reverse-IFD from its forward passes.
+
+    Args:
+        model: The student (a ``transformers`` causal LM, optionally a PEFT model).
+        tokenizer: Its tokenizer (its chat template frames the instruction, as in training).
+        batch_size: Sequences per forward pass.
+        max_length: Tokens kept per scored text.
+        use_base_weights: With a PEFT student, score with the adapters disabled: the frozen pre-trained model, as
+            in the paper (which scored with the student before fine-tuning), and the same scores whenever a pair
+            is drawn. A fully fine-tuned student is scored as it is when the pair is first drawn.
+        lockstep: The model is sharded across ranks (DeepSpeed ZeRO-3, FSDP): every forward pass is collective.
+            Every rank then calls :meth:`score` at the same points (with an empty list when it has nothing to
+            score), and all ranks run as many passes as the busiest one, the others on padding.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 1024, use_base_weights: bool = True,
+                 lockstep: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.lockstep = lockstep
+        self.base_weights = use_base_weights and hasattr(model, "disable_adapter")
+        self.identity = f"{student_identity(model)}:{'base' if self.base_weights else 'live'}:{max_length}"
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[PairScores]:
+        from contextlib import nullcontext
+
+        wanted = len(pairs)
+        if self.lockstep:
+            pairs = pairs + [_PADDING_PAIR] * (self._busiest_peer(wanted) - wanted)
+        if not pairs:
+            return []
+        was_training = self.model.training
+        self.model.eval()  # no dropout: a score must not depend on the draw
+        try:
+            with self.model.disable_adapter() if self.base_weights else nullcontext():
+                return score_pairs(self.model, self.tokenizer, pairs, self.max_length, self.batch_size)[:wanted]
+        finally:
+            self.model.train(was_training)
+
+    def _busiest_peer(self, count: int) -> int:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return count
+        device = next(self.model.parameters()).device
+        most = torch.tensor([count], device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most.item())
+
+
+_PADDING_PAIR = ("Say yes.", "Yes.")  # scored only to keep sharded ranks in step; the result is discarded
+
+
+def student_identity(model) -> str:
+    """Name, weights and numeric format of a student, for cache keys (a local folder is fingerprinted)."""
+    from pathlib import Path
+
+    from .oracles.transformers_engine import weights_fingerprint
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+    path = Path(name)
+    weights = weights_fingerprint(path) if path.is_dir() else name
+    quantized = "4bit" if getattr(base, "is_loaded_in_4bit", False) else "8bit" if getattr(
+        base, "is_loaded_in_8bit", False) else str(getattr(base, "dtype", ""))
+    return f"{weights}:{quantized}"

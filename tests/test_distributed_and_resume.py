@@ -40,9 +40,8 @@ def cache_records(cache_dir):
     return records
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_two_ranks_with_deepspeed_recycle_each_pair_exactly_once(tmp_path, zero):
-    result = launch_two_processes(tmp_path, "--deepspeed", str(ROOT / "ds_configs" / f"{zero}.json"))
+def test_two_ranks_with_deepspeed_zero2_recycle_each_pair_exactly_once(tmp_path):
+    result = launch_two_processes(tmp_path, "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "terminate called" not in result.stderr  # the processes exited cleanly
     stats = [json.loads((tmp_path / f"stats-{rank}.json").read_text()) for rank in (0, 1)]
@@ -53,7 +52,30 @@ def test_two_ranks_with_deepspeed_recycle_each_pair_exactly_once(tmp_path, zero)
     keys = [r["key"] for r in cache_records(tmp_path / "cache")]
     assert len(keys) == len(set(keys)) == ROWS
     assert not any(s["oracle_loaded_at_end"] for s in stats)  # released once the rank's share was done
-    assert [s["deepspeed_zero_stage"] for s in stats] == [int(zero[-1])] * 2
+    assert [s["deepspeed_zero_stage"] for s in stats] == [2, 2]
+
+
+def test_two_ranks_with_zero3_recycle_each_pair_once_and_select_with_the_sharded_student(tmp_path):
+    """ZeRO-3 and selective reflection at once. Scoring is a forward pass of the ZeRO-3 student, collective across
+    ranks: every rank must join each one, or the run hangs."""
+    result = launch_two_processes(tmp_path, "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"),
+                                  "--mode", "selective", "--recycled_out", str(tmp_path / "recycled.jsonl"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "terminate called" not in result.stderr
+    stats = [json.loads((tmp_path / f"stats-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [s["global_step"] for s in stats] == [4, 4]
+    assert [s["deepspeed_zero_stage"] for s in stats] == [3, 3]
+    assert not any(s["oracle_loaded_at_end"] for s in stats)
+    for s in stats:  # each rank picked a version for each of its 8 pairs
+        assert sum(s.get(f"selected/{v}", 0) for v in ("original", "q", "a", "qa")) == 8
+        assert s["scores_computed"] > 0
+    records = cache_records(tmp_path / "cache")
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys))  # no text generated, and no score stored, twice
+    assert sum(s["oracle_prompts"] for s in stats) == sum(r.get("kind") != "scores" for r in records)
+    exported = [json.loads(line) for line in (tmp_path / "recycled.jsonl").read_text().splitlines()]
+    assert len(exported) == ROWS and all(row["selected_version"] in ("original", "q", "a", "qa") for row in exported)
+    assert all(row["ifd_qa"] > 0 and row["rifd_original"] > 0 for row in exported)
 
 
 def test_kill_9_during_epoch_one_then_resume_recomputes_nothing(tmp_path):

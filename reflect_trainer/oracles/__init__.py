@@ -66,6 +66,9 @@ class Oracle(Protocol):
 ENGINES = {
     "transformers": "reflect_trainer.oracles.transformers_engine:TransformersOracle",
     "openai": "reflect_trainer.oracles.openai_http:OpenAIHTTPOracle",
+    "self": "reflect_trainer.oracles.self_oracle:SelfOracle",
+    "llama_cpp": "reflect_trainer.oracles.llama_cpp_engine:LlamaCppOracle",
+    "vllm": "reflect_trainer.oracles.vllm_engine:VLLMOracle",
 }
 
 

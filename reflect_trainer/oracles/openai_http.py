@@ -27,14 +27,27 @@ from . import Conversation, GenerationSettings, cut_at_stop
 
 logger = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+#: How a server takes the structured-output constraint (``settings.section_format``), as extra body fields. vLLM
+#: >= 0.10.2: ``structured_outputs`` (its docs, "Structured Outputs"); vLLM before 0.12 also ``guided_regex``, removed
+#: in 0.12; llama.cpp's server: a GBNF ``grammar``. Servers ignore fields they do not know (vLLM answers 200 and does
+#: not constrain), so a wrong choice shows up only as a lower parse rate.
+STRUCTURED_OUTPUT_APIS = {
+    "vllm": lambda fmt: {"structured_outputs": {"regex": fmt.regex()}},
+    "vllm_guided": lambda fmt: {"guided_regex": fmt.regex()},
+    "llama.cpp": lambda fmt: {"grammar": fmt.gbnf()},
+    "none": lambda fmt: {},
+}
 
 
-def identity_for(model_path: str | None, served_model: str | None = None, **_: object) -> str:
-    """The served model's name identifies the oracle (the weights are behind the server)."""
+def identity_for(model_path: str | None, served_model: str | None = None, structured_output_api: str = "vllm",
+                 **_: object) -> str:
+    """The served model's name identifies the oracle (the weights are behind the server). A structured-output field
+    other than the default is part of it: a constraint the server did not apply must not be served from the cache
+    as one it did."""
     name = served_model or (Path(model_path).name if model_path else None)
     if not name:
         raise ValueError("the HTTP oracle needs oracle_served_model (the model name the server knows)")
-    return f"openai-http:{name}"
+    return f"openai-http:{name}" + (f":{structured_output_api}" if structured_output_api != "vllm" else "")
 
 
 class OpenAIHTTPOracle:
@@ -47,14 +60,21 @@ class OpenAIHTTPOracle:
         timeout: Seconds per request.
         max_retries: Retries per request after the first try.
         backoff_cap: Longest sleep between retries, in seconds.
+        structured_output_api: How the server takes a structured-output constraint: ``"vllm"`` (vLLM >= 0.10.2),
+            ``"vllm_guided"`` (vLLM < 0.12), ``"llama.cpp"`` (GBNF grammar) or ``"none"`` (never sent).
     """
 
     def __init__(self, model_path: str | None = None, base_url: str = "http://127.0.0.1:8000/v1",
                  served_model: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 timeout: float = 300.0, max_retries: int = 6, backoff_cap: float = 30.0, **_: object):
+                 timeout: float = 300.0, max_retries: int = 6, backoff_cap: float = 30.0,
+                 structured_output_api: str = "vllm", **_: object):
+        if structured_output_api not in STRUCTURED_OUTPUT_APIS:
+            raise ValueError(f"structured_output_api must be one of {sorted(STRUCTURED_OUTPUT_APIS)}, "
+                             f"got {structured_output_api!r}")
+        self._constraint = STRUCTURED_OUTPUT_APIS[structured_output_api]
         self.base_url = base_url.rstrip("/")
-        self.identity = identity_for(model_path, served_model)
-        self.served_model = self.identity.split(":", 1)[1]
+        self.identity = identity_for(model_path, served_model, structured_output_api)
+        self.served_model = served_model or Path(model_path).name
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.backoff_cap = backoff_cap
@@ -75,6 +95,8 @@ class OpenAIHTTPOracle:
                       "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed}
         if settings.stop:
             body["stop"] = list(settings.stop)
+        if settings.section_format is not None:
+            body.update(self._constraint(settings.section_format))
         prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
         if self.tokenizer is not None:
             head = conversation[:-1] if prefill else conversation

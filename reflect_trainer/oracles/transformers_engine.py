@@ -121,7 +121,8 @@ class TransformersOracle:
 
     def _generate_batch(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                      **self._generate_kwargs())
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
@@ -129,16 +130,29 @@ class TransformersOracle:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if settings.stop:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
-        generated = self.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
-        eos_ids = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id}
         configured = self.model.generation_config.eos_token_id
-        eos_ids.update(configured if isinstance(configured, list) else [configured])
+        # The id generate() stops on comes first: a structured-output processor forces it to end a sequence.
+        eos_list = [*(configured if isinstance(configured, list) else [configured]), self.tokenizer.eos_token_id,
+                    self.tokenizer.pad_token_id]
+        eos_list = [t for t in eos_list if t is not None]
+        if settings.section_format is not None:
+            from transformers import LogitsProcessorList
+
+            from .section_processor import SectionFormatProcessor
+
+            kwargs["logits_processor"] = LogitsProcessorList([SectionFormatProcessor(
+                settings.section_format, self.tokenizer, enc["input_ids"].shape[1], settings.max_new_tokens, eos_list)])
+        generated = self.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
+        eos_ids = set(eos_list)
         texts = []
         for row in generated.tolist():
             n = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
             self.tokens_generated += n
             texts.append(cut_at_stop(self.tokenizer.decode(row[:n], skip_special_tokens=True), settings.stop))
         return texts
+
+    def _generate_kwargs(self) -> dict:
+        return {}
 
     def close(self) -> None:
         self.model = None

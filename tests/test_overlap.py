@@ -1,0 +1,85 @@
+"""Overlap: with ``overlap="on"`` the oracle phases of the next buffer run in a background thread while the current
+buffer trains, and training sees exactly what it sees without overlap. (Whether it is *faster* is a benchmark
+question: benchmarks/b6_overlap.py.)"""
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import CountingOracle
+from reflect_trainer import ReflectionConfig
+from reflect_trainer.trainer import ReflectionSFTTrainer
+from test_trainer import sft_config
+
+pytestmark = pytest.mark.slow
+ROWS = 12  # 3 buffers of 4 (batch 2 x 2 micro-batches)
+
+
+class ThreadRecordingOracle(CountingOracle):
+    """Test instrument: which thread asked for each generation."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.threads: list[str] = []
+
+    def generate(self, conversations, settings):
+        self.threads.append(threading.current_thread().name)
+        return super().generate(conversations, settings)
+
+
+def train(tmp_path, real_oracle, oracle_path, pairs, overlap):
+    oracle = ThreadRecordingOracle(real_oracle)
+    trainer = ReflectionSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32),
+        args=sft_config(tmp_path, num_train_epochs=1),
+        train_dataset=pairs,
+        processing_class=AutoTokenizer.from_pretrained(oracle_path),
+        oracle=oracle,
+        reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", max_new_tokens=16,
+                                           buffer_batches=2, template_set="compact", overlap=overlap,
+                                           progress_bar=False),
+    )
+    sequences = []
+    original_compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):  # test instrument: what each step trained on
+        sequences.append(inputs["input_ids"].tolist())
+        return original_compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    return trainer, oracle, sequences
+
+
+def test_next_buffer_is_recycled_in_the_background_and_training_is_unchanged(tmp_path, real_oracle, oracle_path,
+                                                                              alpaca_pairs):
+    pairs = alpaca_pairs.select(range(60, 60 + ROWS))
+    overlapped, oracle_on, seen_on = train(tmp_path / "on", real_oracle, oracle_path, pairs, "on")
+    serial, oracle_off, seen_off = train(tmp_path / "off", real_oracle, oracle_path, pairs, "off")
+    # Buffer 1 is recycled when first drawn; buffers 2 and 3 while the one before them trains.
+    assert oracle_on.threads[0] == "MainThread"
+    assert len(oracle_on.threads) == 3 and all(name.startswith("recycle") for name in oracle_on.threads[1:])
+    assert set(oracle_off.threads) == {"MainThread"}
+    assert seen_on == seen_off  # the same sequences, in the same order
+    assert overlapped.recycled_dataset().to_list() == serial.recycled_dataset().to_list()
+    assert overlapped.recycling_stats()["oracle_prompts"] == ROWS
+    assert overlapped._prefetcher is None  # once the rank's share is recycled, the thread is gone
+
+
+def test_auto_overlaps_only_when_the_oracle_has_its_own_compute(tmp_path, oracle_path, alpaca_pairs):
+    def wanted(**config):
+        trainer = ReflectionSFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32),
+            args=sft_config(tmp_path), train_dataset=alpaca_pairs.select(range(2)),
+            processing_class=AutoTokenizer.from_pretrained(oracle_path),
+            reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), oracle_model_path=oracle_path,
+                                               **config),
+        )
+        return trainer._overlap
+
+    assert not wanted()  # CPU student, CPU oracle: the same two cores
+    assert wanted(oracle_engine="openai", oracle_served_model="m")  # a server does its own work
+    assert wanted(oracle_device="cuda:1")  # another device
+    assert not wanted(overlap="off", oracle_engine="openai", oracle_served_model="m")

@@ -1,0 +1,79 @@
+"""Structured output: the section format as regex / GBNF, and the transformers logits processor that makes every
+output of the real SmolLM2 oracle parse, even with the paper's one-call templates it cannot follow on its own."""
+
+import re
+
+import pytest
+
+from reflect_trainer import Recycler, ReflectionConfig
+from reflect_trainer.oracles import GenerationSettings
+from reflect_trainer.parsing import UNPARSED_REASONS, split_sections
+from reflect_trainer.structured import SectionFormat, section_format_for
+
+TWO = SectionFormat(("New Instruction", "New Answer"))
+OPENED = SectionFormat(("Better Answer",), open_first=True, preamble=False)
+
+
+@pytest.mark.parametrize("text", [
+    "The request is vague. [New Instruction] Sort [3, 1, 2] in Python. [End]\n[New Answer] Use sorted([3, 1, 2]). [End]",
+    "[New Instruction] x [End][New Answer] y [End]",
+])
+def test_regex_accepts_well_formed_outputs_with_brackets_in_text(text):
+    assert re.fullmatch(TWO.regex(), text, re.S)
+
+
+@pytest.mark.parametrize("text", [
+    "critique only, no sections",
+    "[New Instruction] x [End]",  # the second section is missing
+    "[New Instruction] x [End] [New Answer] y",  # not closed
+    "[New Instruction] x [End] [New Answer] y [end] z [End]",  # a marker-like [end] inside the text
+    "[New Answer] y [End] [New Instruction] x [End]",  # out of order
+])
+def test_regex_rejects_outputs_that_would_not_parse_as_intended(text):
+    assert not re.fullmatch(TWO.regex(), text, re.S)
+
+
+def test_a_preopened_section_has_no_marker_and_no_preamble():
+    assert re.fullmatch(OPENED.regex(), " A fuller answer, see [1]. [End]", re.S)
+    assert not re.fullmatch(OPENED.regex(), "[Better Answer] again [End]", re.S)
+    assert section_format_for({"output": "Better Answer"}, "Better Answer") == OPENED
+    assert section_format_for({"instruction": "New Instruction", "output": "New Answer"}, None) == TWO
+
+
+def test_gbnf_grammar_names_every_marker_in_order():
+    grammar = TWO.gbnf()
+    root = grammar.splitlines()[0]
+    assert root.index('"[New Instruction]"') < root.index('"[New Answer]"')
+    assert root.count('"[End]"') == 2 and "text ::=" in grammar
+
+
+def test_unconstrained_cache_keys_are_unchanged_and_constrained_ones_differ():
+    assert "section_format" not in GenerationSettings().to_dict()  # keys written before this feature stay valid
+    assert GenerationSettings(section_format=TWO).to_dict()["section_format"]["sections"] == list(TWO.sections)
+
+
+def recycle(real_oracle, pairs, tmp_path, **config):
+    settings = {"cache_dir": str(tmp_path), "mode": "both", "template_set": "paper", "progress_bar": False, **config}
+    recycler = Recycler(ReflectionConfig(**settings), oracle=real_oracle)
+    return recycler.recycle_dataset(pairs), recycler.stats()
+
+
+@pytest.mark.slow
+def test_paper_templates_with_structured_output_always_parse(real_oracle, alpaca_pairs, tmp_path):
+    pairs = alpaca_pairs.select(range(100, 104))
+    out, stats = recycle(real_oracle, pairs, tmp_path, max_new_tokens=64, structured_output=True)
+    for phase in ("instruction_reflection", "response_reflection"):
+        assert stats[f"{phase}/parse_rate"] == 1.0, stats
+        assert all(reason not in UNPARSED_REASONS for reason in out[f"{phase}_fallback"])
+    for raw in out["instruction_reflection_raw"]:
+        found = split_sections(raw, {"instruction": "New Instruction", "output": "New Answer"})
+        assert set(found) == {"New Instruction", "New Answer"} and all(v.strip() for v in found.values())
+        assert raw.rstrip().endswith("[End]")  # closed, then ended: nothing generated after the last section
+
+
+@pytest.mark.slow
+def test_markers_are_forced_in_time_when_the_budget_is_tiny(real_oracle, alpaca_pairs, tmp_path):
+    # 24 tokens for a critique and two sections: the processor must cut the critique and each section short.
+    out, stats = recycle(real_oracle, alpaca_pairs.select(range(106, 110)), tmp_path, max_new_tokens=24,
+                         structured_output=True, mode="instruction")
+    assert stats["instruction_reflection/parse_rate"] == 1.0, out["instruction_reflection_raw"]
