@@ -9,11 +9,14 @@ setup:
 	bash scripts/setup.sh
 
 # The main job on the embedded default: recycle 32 real AlpacaEval pairs through the 4-bit SmolLM2 oracle while
-# training SmolLM2-135M on them for 2 epochs (CPU), then show pairs before/after.
+# training SmolLM2-135M on them for 2 epochs (CPU), then show pairs before/after and write the HTML report.
 demo: setup
 	.venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		recipes/llama7b_recycled.py --config recipes/cpu_smollm2.yaml --recycled_out runs/cpu_smollm2/recycled.jsonl
 	.venv/bin/reflect-trainer inspect runs/cpu_smollm2/recycled.jsonl -n 3
+	.venv/bin/reflect-trainer report runs/cpu_smollm2/recycled.jsonl
 
+# The suite also needs Chromium (report test) and llama-cpp-python (llama_cpp engine): scripts/setup_test.sh.
 test: setup
+	bash scripts/setup_test.sh
 	.venv/bin/python -m pytest -q --durations=15

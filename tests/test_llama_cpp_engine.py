@@ -1,9 +1,9 @@
 """The llama.cpp oracle engine on the real SmolLM2 GGUF: recycling real AlpacaEval pairs, zero-call reruns, batched
 decoding, grammar-constrained structured output.
 
-Opt-in (``-m llama_cpp``): llama-cpp-python has no binary wheel on PyPI and its build takes about 10 minutes on
-CI's 2 cores (``bash scripts/build_llama_cpp.sh`` builds and caches it once). Without it these tests fail with that
-hint rather than skip, so an opted-in run never passes silently.
+llama-cpp-python has no binary wheel on PyPI; ``make test`` builds it once into a cached wheel (about 7-10 minutes
+on 2 cores, ``scripts/build_llama_cpp.sh``) before the suite runs, so these tests run in CI like the others. Without
+it they fail with that hint rather than skip.
 """
 
 import sys
