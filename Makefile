@@ -17,6 +17,8 @@ demo: setup
 	.venv/bin/reflect-trainer report runs/cpu_smollm2/recycled.jsonl
 
 # The suite also needs Chromium (report test) and llama-cpp-python (llama_cpp engine): scripts/setup_test.sh.
+# Two workers with one thread each use both cores better than one worker with two threads (these models are small);
+# a test file stays on one worker, so its module fixtures are built once.
 test: setup
 	bash scripts/setup_test.sh
-	.venv/bin/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15

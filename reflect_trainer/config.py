@@ -58,8 +58,8 @@ class ReflectionConfig:
             `llama_cpp` engine: context window, shared by all sequences of a batch. `vllm` engine: longest prompt plus
             output (`max_model_len`), capped at the model's maximum.
         oracle_threads (`int` or `None`, *optional*, defaults to `None`):
-            `llama_cpp` engine: CPU threads; `None` uses the cores this process may run on, divided among the
-            processes of this machine (`LOCAL_WORLD_SIZE`).
+            `llama_cpp` engine: CPU threads; `None` takes `OMP_NUM_THREADS` when set, else the cores this process
+            may run on divided among the processes of this machine (`LOCAL_WORLD_SIZE`).
 
         > Method
 

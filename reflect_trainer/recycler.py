@@ -443,7 +443,7 @@ class Recycler:
             # The format ends the output itself after the last [End]; an [End] stop would cut it after the first.
             stop = tuple(s for s in step.stop if END_MARKER.lower() not in s.lower())
         return GenerationSettings(
-            max_new_tokens=step.max_new_tokens or c.max_new_tokens,
+            max_new_tokens=min(step.max_new_tokens or c.max_new_tokens, c.max_new_tokens),
             temperature=c.temperature,
             top_p=c.top_p,
             seed=c.oracle_seed,

@@ -37,7 +37,8 @@ class ReflectionStep:
             marker, that section is open when the oracle starts writing.
         stop: Stop strings. Generation ends at the first one; it is not part of the stored text.
         placeholders: Texts that mean the oracle copied the template instead of answering.
-        max_new_tokens: Overrides the generation setting for this step (short steps need few tokens).
+        max_new_tokens: Lowers the generation setting for this step (short steps need few tokens); the setting
+            stays the ceiling.
     """
 
     name: str

@@ -12,3 +12,5 @@ if ! command -v chromium >/dev/null 2>&1; then
   $sudo apt-get install -y -q chromium >/dev/null || { $sudo apt-get update -q && $sudo apt-get install -y -q chromium >/dev/null; }
 fi
 bash scripts/build_llama_cpp.sh
+# The embedded oracle and data, fetched and converted before the parallel test workers would race for them.
+.venv/bin/reflect-trainer fetch >/dev/null

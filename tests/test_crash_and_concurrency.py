@@ -65,8 +65,10 @@ def test_two_processes_on_overlapping_shards_store_every_row_exactly_once(tmp_pa
     shard_b = write_rows(tmp_path / "b.jsonl", rows[4:16])
     cache_dir = tmp_path / "cache"
     procs = [
+        # One torch thread each: two processes with two threads each on two cores spin against each other.
         subprocess.Popen(cli(str(shard), "--out", str(tmp_path / f"{name}.out.jsonl"), "--cache-dir", str(cache_dir)),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
         for name, shard in (("a", shard_a), ("b", shard_b))
     ]
     for proc in procs:

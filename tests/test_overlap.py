@@ -14,7 +14,7 @@ from reflect_trainer.trainer import ReflectionSFTTrainer
 from test_trainer import sft_config
 
 pytestmark = pytest.mark.slow
-ROWS = 12  # 3 buffers of 4 (batch 2 x 2 micro-batches)
+ROWS = 6  # 3 buffers of 2 (batch 2, one micro-batch per buffer)
 
 
 class ThreadRecordingOracle(CountingOracle):
@@ -38,7 +38,7 @@ def train(tmp_path, real_oracle, oracle_path, pairs, overlap):
         processing_class=AutoTokenizer.from_pretrained(oracle_path),
         oracle=oracle,
         reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", max_new_tokens=16,
-                                           buffer_batches=2, template_set="compact", overlap=overlap,
+                                           buffer_batches=1, template_set="compact", overlap=overlap,
                                            progress_bar=False),
     )
     sequences = []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
-ROWS = 8  # two buffers of 4: the second is recycled after two training steps have moved the adapter
+ROWS = 4  # two buffers of 2 (batch 1 x 2 micro-batches): the second is recycled after two steps moved the adapter
 
 
 def rss_bytes(field: str) -> int:
@@ -46,7 +46,8 @@ def probe(engine: str, out_dir: str) -> dict:
                               oracle_quantization="none", mode="response", template_set="compact", max_new_tokens=16,
                               buffer_batches=2, progress_bar=False, release_oracle=False)
     trainer = ReflectionSFTTrainer(
-        model=model, args=sft_config(Path(out_dir), num_train_epochs=1, learning_rate=1e-3, disable_tqdm=True),
+        model=model, args=sft_config(Path(out_dir), num_train_epochs=1, learning_rate=1e-3, disable_tqdm=True,
+                        per_device_train_batch_size=1),
         train_dataset=load_alpaca_eval(limit=ROWS), processing_class=AutoTokenizer.from_pretrained(path),
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
         reflection_config=config,
@@ -71,7 +72,7 @@ def run_probe(engine: str, tmp_path) -> dict:
 def test_self_oracle_recycles_and_trains_in_one_process_without_a_second_model(tmp_path):
     own = run_probe("self", tmp_path)
     separate = run_probe("transformers", tmp_path)
-    assert own["steps"] == separate["steps"] == ROWS // 2
+    assert own["steps"] == separate["steps"] == ROWS
     assert own["oracle_prompts"] == ROWS and own["oracle_tokens"] > 0
     assert own["oracle_is_student"] and own["identity"].startswith("self:")
     assert all(raw.startswith("[Better Answer] ") and len(raw) > len("[Better Answer] ") for raw in own["raw"])

@@ -127,8 +127,8 @@ class LlamaCppOracle:
         batch_size: Most sequences decoded together.
         context_length: Context cells (KV cache) shared by the sequences decoded together: each gets room for the
             call's longest prompt plus ``max_new_tokens``, so fewer run at once when prompts are long.
-        threads: CPU threads; ``None`` uses every core this process may run on, divided among the local processes
-            of a distributed run (``LOCAL_WORLD_SIZE``).
+        threads: CPU threads; ``None`` takes ``OMP_NUM_THREADS`` when set, else every core this process may run on,
+            divided among the local processes of a distributed run (``LOCAL_WORLD_SIZE``).
         device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (every layer offloaded; needs a CUDA build of llama.cpp).
             Default: CUDA when the build supports it.
     """
@@ -161,6 +161,8 @@ class LlamaCppOracle:
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
 
         self.params = params = lib.llama_context_default_params()
+        if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            threads = int(os.environ["OMP_NUM_THREADS"])  # the thread budget this process was given, as torch takes it
         if threads is None:
             # Every core this process may run on, shared among the processes of a distributed run on this machine:
             # llama.cpp's threads spin at every barrier and slow to a crawl when there are more of them than cores.

@@ -121,8 +121,11 @@ class TransformersOracle:
 
     def _generate_batch(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        # synced_gpus=False: generate() would otherwise turn it on whenever ZeRO-3 is active and keep every rank
+        # stepping until all finish. The oracle is whole on each rank, and ranks call it out of step (different
+        # cache hits, different numbers of accepted rows): synced, they would hang in each other's collectives.
         kwargs = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                      **self._generate_kwargs())
+                      synced_gpus=False, **self._generate_kwargs())
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
