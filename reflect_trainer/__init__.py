@@ -6,7 +6,9 @@ from .config import ReflectionConfig
 from .export import load_data, save_recycled, to_sft_dataset
 from .formats import BadRowError, Pair, validate_rows
 from .oracles import ENGINES, GenerationSettings, Oracle, load_oracle
-from .recycler import RECYCLED_COLUMNS, Recycler
+from .recycler import RECYCLED_COLUMNS, SELECTION_COLUMNS, Recycler
+from .selection import StudentScorer, score_pairs, select_version
+from .structured import SectionFormat
 from .templates import ReflectionStep, ReflectionTemplate
 
 __all__ = [
@@ -22,9 +24,14 @@ __all__ = [
     "ReflectionConfig",
     "ReflectionStep",
     "ReflectionTemplate",
+    "SELECTION_COLUMNS",
+    "SectionFormat",
+    "StudentScorer",
     "load_data",
     "load_oracle",
     "save_recycled",
+    "score_pairs",
+    "select_version",
     "to_sft_dataset",
     "validate_rows",
 ]
