@@ -69,8 +69,8 @@ def main() -> None:
             recycler = Recycler(config, oracle=oracle)
             recycler.recycle_dataset(pairs)
             stats = recycler.stats()
-        parse[structured] = [stats.get(f"{phase}/parse_rate", 0.0) for phase in ("instruction_reflection",
-                                                                                  "response_reflection")]
+        parse[structured] = [stats.get(f"{phase}/parse_rate", 0.0)
+                             for phase in ("instruction_reflection", "response_reflection")]
     oracle.close()
 
     print(f"vLLM oracle on {machine()}; SmolLM2-135M-Instruct {args.quantization}, sleep level {args.sleep_level}, "

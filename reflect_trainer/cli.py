@@ -91,7 +91,8 @@ def _cmd_inspect(args) -> int:
         print(f"AFTER  A: {fmt(row['recycled_output'])}")
         print(
             "fallbacks: instruction_reflection="
-            f"{row.get('instruction_reflection_fallback')}, response_reflection={row.get('response_reflection_fallback')}"
+            f"{row.get('instruction_reflection_fallback')}, "
+            f"response_reflection={row.get('response_reflection_fallback')}"
         )
     return 0
 

@@ -125,7 +125,9 @@ class ReflectionConfig:
             another device).
     """
 
-    oracle_model_path: str | None = field(default=None, metadata={"help": "Local oracle folder; None: embedded default."})
+    oracle_model_path: str | None = field(
+        default=None, metadata={"help": "Local oracle folder; None: embedded default."}
+    )
     oracle_engine: str = field(default="transformers", metadata={"help": "Oracle engine."})
     oracle_quantization: str = field(default="nf4", metadata={"help": "nf4, int8 or none."})
     oracle_device: str | None = field(default=None, metadata={"help": "Oracle device; None: auto."})
@@ -142,7 +144,7 @@ class ReflectionConfig:
     oracle_context_length: int = field(default=4096, metadata={"help": "llama_cpp, vllm engines: context window."})
     oracle_threads: int | None = field(default=None, metadata={"help": "llama_cpp engine: CPU threads."})
     mode: str = field(default="both", metadata={"help": "instruction, response, both or selective.",
-                                                 "choices": list(MODES)})
+                                                "choices": list(MODES)})
     selection_threshold: float = field(default=1.0, metadata={"help": "selective: IFD and r-IFD must be below."})
     selection_drop: bool = field(default=False, metadata={"help": "selective: drop instead of keeping the original."})
     selection_batch_size: int = field(default=8, metadata={"help": "selective: sequences per scoring forward pass."})
@@ -176,7 +178,9 @@ class ReflectionConfig:
             raise ValueError(f"oracle_structured_output_api must be one of {STRUCTURED_OUTPUT_APIS}, "
                              f"got {self.oracle_structured_output_api!r}")
         if not 0 < self.oracle_gpu_memory_utilization < 1:
-            raise ValueError(f"oracle_gpu_memory_utilization must be in (0, 1), got {self.oracle_gpu_memory_utilization}")
+            raise ValueError(
+                f"oracle_gpu_memory_utilization must be in (0, 1), got {self.oracle_gpu_memory_utilization}"
+            )
         if self.oracle_sleep_level not in (0, 1, 2):
             raise ValueError(f"oracle_sleep_level must be 0, 1 or 2, got {self.oracle_sleep_level}")
         if self.on_bad_row not in ("error", "skip"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .formats import MESSAGES, PROMPT_COMPLETION, Pair, detect_format, row_to_pair
+from .formats import MESSAGES, PROMPT_COMPLETION, detect_format, row_to_pair
 
 DROPPED_BY_SELECTION = "dropped_by_selection"  # skip_reason of a row the selection rule dropped
 

@@ -63,7 +63,9 @@ def _text(row_index: int, name: str, value: Any, max_chars: int, allow_empty: bo
     if value is None:
         raise BadRowError(f"{where} is missing (None); fill it or drop the row, or set on_bad_row='skip'", "missing")
     if not isinstance(value, str):
-        raise BadRowError(f"{where} is a {type(value).__name__}, not a string; set on_bad_row='skip' to drop it", "not_string")
+        raise BadRowError(
+            f"{where} is a {type(value).__name__}, not a string; set on_bad_row='skip' to drop it", "not_string"
+        )
     if not allow_empty and not value.strip():
         raise BadRowError(f"{where} is empty; fill it or drop the row, or set on_bad_row='skip'", "empty")
     if len(value) > max_chars:

@@ -40,7 +40,9 @@ def marker_regex(names: list[str]) -> re.Pattern:
     return re.compile("|".join(f"(?P<m{i}>{_marker_pattern(n)})" for i, n in enumerate(names)), re.IGNORECASE | re.M)
 
 
-_NEUTRALIZE_RE = re.compile(r"(\[|\*\*)(\s*(?:new\s+instruction|new\s+answer|better\s+answer|end)\s*:?\s*)(\]|\*\*)", re.I)
+_NEUTRALIZE_RE = re.compile(
+    r"(\[|\*\*)(\s*(?:new\s+instruction|new\s+answer|better\s+answer|end)\s*:?\s*)(\]|\*\*)", re.I
+)
 
 
 def neutralize_markers(text: str) -> str:
@@ -150,8 +152,8 @@ def judge_field(
     """Return why a parsed field is unusable, or None when it is accepted.
 
     ``generated_part`` is what the oracle wrote for this field (without any pre-filled text: a pre-filled copy of
-    the original is ours, not an echo), ``original`` the field it would replace, ``boilerplate`` the template text around the
-    data (an echo of it means the oracle repeated its instructions), ``prompt`` the whole prompt as sent.
+    the original is ours, not an echo), ``original`` the field it would replace, ``boilerplate`` the template text
+    around the data (an echo of it means the oracle repeated its instructions), ``prompt`` the whole prompt as sent.
     """
     norm = _clean(generated_part).lower().strip(" .")
     if norm in _EMPTY_VALUES:

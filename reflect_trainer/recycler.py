@@ -184,7 +184,9 @@ class Recycler:
         if oracle is not None:
             self.oracle_identity = oracle.identity
         else:
-            self.oracle_identity = oracle_identity(self.config.oracle_engine, self._oracle_path, **self._oracle_kwargs())
+            self.oracle_identity = oracle_identity(
+                self.config.oracle_engine, self._oracle_path, **self._oracle_kwargs()
+            )
         self.templates = templates or resolve_templates(self.config, default_oracle=uses_default)
         self.phases = {
             "instruction": (INSTRUCTION_REFLECTION,),
@@ -274,7 +276,10 @@ class Recycler:
         it = iter(reflected.outcomes)
         columns: dict[str, list] = {name: [] for name in self.columns}
         for pair, skip in zip(reflected.pairs, reflected.skips):
-            row = _row_columns(pair, next(it)) if pair is not None else {**dict.fromkeys(self.columns), "skip_reason": skip}
+            row = (
+                _row_columns(pair, next(it)) if pair is not None
+                else {**dict.fromkeys(self.columns), "skip_reason": skip}
+            )
             for name in self.columns:
                 columns[name].append(row[name])
         return {**reflected.batch, **columns}
@@ -305,8 +310,10 @@ class Recycler:
             # Response reflection of the original (a) and of the reflected pair (qa) go to the oracle in one call;
             # where instruction reflection fell back the two are the same prompt, generated once (same cache key).
             reflected = self._run_phase(self.templates[INSTRUCTION_REFLECTION], pairs)
-            answers = self._run_phase(self.templates[RESPONSE_REFLECTION], [*pairs, *(o.pair for o in reflected)],
-                                      [RESPONSE_REFLECTION_OF_ORIGINAL] * len(pairs) + [RESPONSE_REFLECTION] * len(pairs))
+            answers = self._run_phase(
+                self.templates[RESPONSE_REFLECTION], [*pairs, *(o.pair for o in reflected)],
+                [RESPONSE_REFLECTION_OF_ORIGINAL] * len(pairs) + [RESPONSE_REFLECTION] * len(pairs),
+            )
             for i in range(len(pairs)):
                 outcomes[i] = {INSTRUCTION_REFLECTION: reflected[i], RESPONSE_REFLECTION_OF_ORIGINAL: answers[i],
                                RESPONSE_REFLECTION: answers[len(pairs) + i]}
@@ -386,8 +393,10 @@ class Recycler:
             for i, (conversation, prefill_section, prefill_body), record in zip(alive, prompts, records):
                 prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
                 raws[i].append(prefill + record["raw"])
-                originals = {"instruction": inputs[i].instruction + (f"\n\n{inputs[i].input}" if inputs[i].input else ""),
-                             "output": inputs[i].output}
+                originals = {
+                    "instruction": inputs[i].instruction + (f"\n\n{inputs[i].input}" if inputs[i].input else ""),
+                    "output": inputs[i].output,
+                }
                 parsed = parse_step_output(
                     record["raw"],
                     step.sections,

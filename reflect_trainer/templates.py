@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 INSTRUCTION_REFLECTION = "instruction_reflection"
@@ -29,8 +29,8 @@ class ReflectionStep:
 
     Args:
         name: Short name, unique within the template (part of the cache key).
-        user: The user turn. Fields substituted by :func:`render`: ``{instruction}``, ``{input}``, ``{output}``, ``{input_block}``
-            (``"\\n\\n" + input`` or empty) and ``{request}`` (instruction and input merged).
+        user: The user turn. Fields substituted by :func:`render`: ``{instruction}``, ``{input}``, ``{output}``,
+            ``{input_block}`` (``"\\n\\n" + input`` or empty) and ``{request}`` (instruction and input merged).
         sections: Which pair field each marked section fills, e.g. ``{"output": "Better Answer"}``. In order.
         system: Optional system turn.
         prefill: Text put at the start of the assistant turn, same fields as ``user``. If it starts with a section
@@ -80,7 +80,9 @@ class ReflectionTemplate:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "phase": self.phase, "steps": [asdict(s) for s in self.steps]}
+        return {
+            "name": self.name, "version": self.version, "phase": self.phase, "steps": [asdict(s) for s in self.steps]
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "ReflectionTemplate":

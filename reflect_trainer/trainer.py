@@ -50,8 +50,8 @@ class ReflectionSFTTrainer(SFTTrainer):
             ``trl.SFTTrainer``. ``train_dataset`` is in Alpaca, prompt–completion or ``messages`` format. A
             map-style ``datasets.Dataset`` is validated before anything else (bad rows raise naming the row, or are
             skipped, per ``reflection_config.on_bad_row``); a streamed ``IterableDataset`` (set ``max_steps``) is
-            split by node and each row checked when its buffer is drawn. ``eval_dataset``, if given, is evaluated as is (not
-            recycled).
+            split by node and each row checked when its buffer is drawn. ``eval_dataset``, if given, is evaluated as
+            is (not recycled).
         reflection_config: The recycling settings; defaults to ``ReflectionConfig()`` (embedded SmolLM2 oracle).
             ``mode="selective"`` lets this student score every version of a pair and train on the one the paper's
             rule picks; ``oracle_engine="self"`` makes the student's frozen base (PEFT students) the oracle.

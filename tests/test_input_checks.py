@@ -22,8 +22,10 @@ def recycler(tmp_path, script=never_called, **kwargs):
 BAD_ROWS = [
     ({"instruction": "", "input": "", "output": "x"}, "row 3, field 'instruction' is empty", "empty"),
     ({"instruction": "q", "input": "", "output": None}, "row 3, field 'output' is missing", "missing"),
-    ({"instruction": 42, "input": "", "output": "x"}, "row 3, field 'instruction' is a int, not a string", "not_string"),
-    ({"instruction": "q", "input": "", "output": "x" * 100_000}, "row 3, field 'output' has 100,000 characters", "too_long"),
+    ({"instruction": 42, "input": "", "output": "x"},
+     "row 3, field 'instruction' is a int, not a string", "not_string"),
+    ({"instruction": "q", "input": "", "output": "x" * 100_000},
+     "row 3, field 'output' has 100,000 characters", "too_long"),
 ]
 
 
@@ -41,7 +43,8 @@ def test_bad_row_raises_naming_row_and_field_before_oracle_work(tmp_path, bad, m
 def test_bad_row_is_skipped_and_counted_when_configured(tmp_path, bad, message, reason):
     rows = [GOOD] * 3 + [bad] + [GOOD]
     batch = {k: [r[k] for r in rows] for k in GOOD}
-    r = recycler(tmp_path, script=lambda c: "Red, yellow and blue are the primary colours of paint mixing.", on_bad_row="skip", mode="response")
+    r = recycler(tmp_path, script=lambda c: "Red, yellow and blue are the primary colours of paint mixing.",
+                 on_bad_row="skip", mode="response")
     out = r(batch, indices=list(range(5)))
     assert out["skip_reason"][3] is not None and message in out["skip_reason"][3]
     assert all(out["skip_reason"][i] is None for i in (0, 1, 2, 4))
@@ -103,7 +106,10 @@ def test_reflection_config_parses_next_to_trl_configs(tmp_path):
     from trl import ModelConfig, SFTConfig, TrlParser
 
     config = tmp_path / "c.yaml"
-    config.write_text("mode: response\nbuffer_batches: 3\nlearning_rate: 2.0e-5\nseed: 7\noracle_seed: 3\nuse_cpu: true\nbf16: false\n")
+    config.write_text(
+        "mode: response\nbuffer_batches: 3\nlearning_rate: 2.0e-5\nseed: 7\n"
+        "oracle_seed: 3\nuse_cpu: true\nbf16: false\n"
+    )
     sft, reflection, _ = TrlParser((SFTConfig, ReflectionConfig, ModelConfig)).parse_args_and_config(
         ["--config", str(config), "--output_dir", str(tmp_path), "--max_new_tokens", "64"]
     )

@@ -54,7 +54,7 @@ def train(tmp_path, real_oracle, oracle_path, pairs, overlap):
 
 
 def test_next_buffer_is_recycled_in_the_background_and_training_is_unchanged(tmp_path, real_oracle, oracle_path,
-                                                                              alpaca_pairs):
+                                                                             alpaca_pairs):
     pairs = alpaca_pairs.select(range(60, 60 + ROWS))
     overlapped, oracle_on, seen_on = train(tmp_path / "on", real_oracle, oracle_path, pairs, "on")
     serial, oracle_off, seen_off = train(tmp_path / "off", real_oracle, oracle_path, pairs, "off")

@@ -19,16 +19,23 @@ from reflect_trainer.parsing import (
 TWO = {"instruction": "New Instruction", "output": "New Answer"}
 ONE = {"output": "Better Answer"}
 ORIGINALS = {"instruction": "How do plants make food?", "output": "They use sunlight."}
-GOOD_ANSWER = "Plants make glucose through photosynthesis, using light energy, water and carbon dioxide in chloroplasts."
+GOOD_ANSWER = (
+    "Plants make glucose through photosynthesis, using light energy, water and carbon dioxide in chloroplasts."
+)
 BOILERPLATE = "Write a better answer to the question: more helpful, accurate and detailed than the draft."
 
 
 def parse(text, sections=ONE, prefill_section=None, prefill_body=""):
-    return parse_step_output(text, sections, prefill_section, prefill_body, ORIGINALS, BOILERPLATE, ("a better answer",))
+    return parse_step_output(
+        text, sections, prefill_section, prefill_body, ORIGINALS, BOILERPLATE, ("a better answer",)
+    )
 
 
 def test_parses_both_sections_of_paper_format():
-    text = f"The instruction is vague.\n[New Instruction] Explain photosynthesis step by step. [End]\n[New Answer] {GOOD_ANSWER} [End]"
+    text = (
+        "The instruction is vague.\n[New Instruction] Explain photosynthesis step by step. [End]\n"
+        f"[New Answer] {GOOD_ANSWER} [End]"
+    )
     result = parse(text, TWO)
     assert result.ok
     assert result.fields == {"instruction": "Explain photosynthesis step by step.", "output": GOOD_ANSWER}

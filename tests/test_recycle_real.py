@@ -3,7 +3,7 @@
 import logging
 
 import pytest
-from datasets import Dataset, IterableDataset
+from datasets import IterableDataset
 
 from conftest import CountingOracle
 from reflect_trainer import Recycler, ReflectionConfig, load_data, save_recycled, to_sft_dataset

@@ -57,8 +57,8 @@ def selective_run(tmp_path_factory, oracle_path, alpaca_pairs):
     original_compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *args, **kwargs):  # test instrument: the sequences trained on
-        trained_on.extend(tuple(ids[labels != -100].tolist()) for ids, labels in zip(inputs["input_ids"],
-                                                                                    inputs["labels"]))
+        trained_on.extend(tuple(ids[labels != -100].tolist())
+                          for ids, labels in zip(inputs["input_ids"], inputs["labels"]))
         return original_compute_loss(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = recording_compute_loss

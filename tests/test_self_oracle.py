@@ -47,7 +47,7 @@ def probe(engine: str, out_dir: str) -> dict:
                               buffer_batches=2, progress_bar=False, release_oracle=False)
     trainer = ReflectionSFTTrainer(
         model=model, args=sft_config(Path(out_dir), num_train_epochs=1, learning_rate=1e-3, disable_tqdm=True,
-                        per_device_train_batch_size=1),
+                                     per_device_train_batch_size=1),
         train_dataset=load_alpaca_eval(limit=ROWS), processing_class=AutoTokenizer.from_pretrained(path),
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
         reflection_config=config,

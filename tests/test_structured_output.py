@@ -15,7 +15,8 @@ OPENED = SectionFormat(("Better Answer",), open_first=True, preamble=False)
 
 
 @pytest.mark.parametrize("text", [
-    "The request is vague. [New Instruction] Sort [3, 1, 2] in Python. [End]\n[New Answer] Use sorted([3, 1, 2]). [End]",
+    "The request is vague. [New Instruction] Sort [3, 1, 2] in Python. [End]\n"
+    "[New Answer] Use sorted([3, 1, 2]). [End]",
     "[New Instruction] x [End][New Answer] y [End]",
 ])
 def test_regex_accepts_well_formed_outputs_with_brackets_in_text(text):

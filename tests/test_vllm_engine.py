@@ -137,7 +137,7 @@ def test_identity_from_real_folder_without_vllm_or_loading_a_model(monkeypatch, 
 
 @pytest.mark.parametrize("quantization, expected", [("nf4", "bitsandbytes"), ("none", None)])
 def test_colocated_llm_gets_memory_share_sleep_mode_and_mapped_quantization(monkeypatch, fake_gpu, oracle_path,
-                                                                             quantization, expected):
+                                                                            quantization, expected):
     log = install_fake_vllm(monkeypatch)
     VLLMOracle(oracle_path, quantization=quantization, gpu_memory_utilization=0.25, sleep_level=1)
     (_, kwargs), = log

@@ -100,7 +100,9 @@ class OpenAIHTTPOracle:
         prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
         if self.tokenizer is not None:
             head = conversation[:-1] if prefill else conversation
-            body["prompt"] = self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True) + prefill
+            body["prompt"] = (
+                self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True) + prefill
+            )
             url = f"{self.base_url}/completions"
         else:
             body["messages"] = conversation
@@ -122,7 +124,9 @@ class OpenAIHTTPOracle:
             except urllib.error.HTTPError as err:
                 if err.code not in RETRYABLE_STATUS:
                     detail = err.read()[:500].decode(errors="replace")
-                    raise RuntimeError(f"oracle server refused the request to {url}: HTTP {err.code} {detail}") from None
+                    raise RuntimeError(
+                        f"oracle server refused the request to {url}: HTTP {err.code} {detail}"
+                    ) from None
                 problem = f"HTTP {err.code}"
             except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as err:
                 problem = type(err).__name__
