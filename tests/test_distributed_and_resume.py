@@ -72,6 +72,7 @@ def test_two_ranks_with_zero3_recycle_each_pair_once_and_select_with_the_sharded
     # (texts and scores read from the shared cache: that rank had stored them).
     for s in stats:
         assert sum(s.get(f"selected/{v}", 0) for v in ("original", "q", "a", "qa")) == rows
+        assert s["scores_computed"] > 0  # every rank scored its own pairs (collectively, in lockstep)
     records = cache_records(tmp_path / "cache")
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys))  # no text generated, and no score stored, twice
