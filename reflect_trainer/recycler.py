@@ -22,7 +22,7 @@ from .cache import RecycleCache, cache_key
 from .config import ReflectionConfig
 from .export import DROPPED_BY_SELECTION
 from .formats import BadRowError, Pair, detect_format, row_to_pair, validate_rows
-from .oracles import GenerationSettings, Oracle, load_oracle, oracle_identity
+from .oracles import FINISH_ERROR, GenerationSettings, Oracle, as_generation, load_oracle, oracle_identity
 from .parsing import (
     UNPARSED_REASONS,
     has_marker_like_text,
@@ -477,6 +477,7 @@ class Recycler:
             for conversation in conversations
         ]
         by_key = dict(zip(keys, conversations))
+        failed: dict[str, dict] = {}  # this call's rows the oracle could not answer: not cached, asked again later
         self.cache.refresh()
         hits = sum(k in self.cache for k in keys)
         self._stats.cache_hits += hits
@@ -491,33 +492,40 @@ class Recycler:
             theirs = [k for k in missing if k not in mine and k not in self.cache]
             if mine:
                 try:
-                    self._call_oracle(mine, [by_key[k] for k in mine], settings, template, step)
+                    failed.update(self._call_oracle(mine, [by_key[k] for k in mine], settings, template, step))
                 finally:
                     for k in mine:
                         self.cache.release(k)
             self._stats.waited_for_other_writer += len(theirs)
             missing = self.cache.wait_for(theirs)  # keys whose owner died come back and are claimed again
-        return [self.cache.get(k) for k in keys]
+        return [self.cache.get(k) or failed[k] for k in keys]
 
-    def _call_oracle(self, keys, conversations, settings, template, step) -> None:
+    def _call_oracle(self, keys, conversations, settings, template, step) -> dict[str, dict]:
+        """Generate ``keys``; store every answer durably with its finish reason. Returns the records of rows the
+        oracle could not answer (``finish="error"``): they are not cached, so a later run asks again."""
         oracle = self.oracle
         tokens_before = oracle.tokens_generated
         start = time.perf_counter()
-        texts = oracle.generate(conversations, settings)
+        outputs = [as_generation(g) for g in oracle.generate(conversations, settings)]
         elapsed = time.perf_counter() - start
-        if len(texts) != len(conversations):
-            raise RuntimeError(f"oracle returned {len(texts)} texts for {len(conversations)} prompts")
+        if len(outputs) != len(conversations):
+            raise RuntimeError(f"oracle returned {len(outputs)} texts for {len(conversations)} prompts")
         self._stats.oracle_calls += 1
         self._stats.oracle_prompts += len(conversations)
         self._stats.oracle_tokens += oracle.tokens_generated - tokens_before
         self._stats.oracle_seconds += elapsed
         now = time.time()
-        self.cache.put_many(
-            [
-                {"key": k, "raw": t, "phase": template.phase, "template": template.id, "step": step.name, "t": now}
-                for k, t in zip(keys, texts)
-            ]
-        )
+        records = {
+            k: {"key": k, "raw": g.text, "finish": g.finish_reason, "phase": template.phase, "template": template.id,
+                "step": step.name, "t": now}
+            for k, g in zip(keys, outputs)
+        }
+        failed = {}
+        for k, g in zip(keys, outputs):
+            if g.finish_reason == FINISH_ERROR:
+                failed[k] = {**records.pop(k), "error": g.error or "oracle_error"}
+        self.cache.put_many(list(records.values()))
+        return failed
 
     # ---- whole data sets ----------------------------------------------------------------------------------------
     def recycle_dataset(self, dataset, batch_size: int = 16):

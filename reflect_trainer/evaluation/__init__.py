@@ -65,7 +65,7 @@ def generate_answers(model_path: str, prompts: list[str], max_new_tokens: int, b
     try:
         ensure_chat_template(model.tokenizer)
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
-        return model.generate([[{"role": "user", "content": p}] for p in prompts], settings)
+        return [g.text for g in model.generate([[{"role": "user", "content": p}] for p in prompts], settings)]
     finally:
         model.close()
 

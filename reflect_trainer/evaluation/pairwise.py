@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from ..oracles import Conversation, GenerationSettings, Oracle
+from ..oracles import Conversation, GenerationSettings, Oracle, as_generation
 
 # Written in our own words, after the usual pairwise-judge layout (question, two delimited answers, a bracketed
 # verdict). Short on purpose: it must fit a small judge's context together with two long answers.
@@ -102,7 +102,7 @@ def judge_pairs(judge: Oracle, questions: list[str], answers_a: list[str], answe
     """Judge every question in both orders with one batched judge call, and combine the verdicts per question."""
     conversations = [judge_conversation(q, a, b) for q, a, b in zip(questions, answers_a, answers_b)]
     conversations += [judge_conversation(q, b, a) for q, a, b in zip(questions, answers_a, answers_b)]
-    raw = judge.generate(conversations, JUDGE_SETTINGS)
+    raw = [as_generation(g).text for g in judge.generate(conversations, JUDGE_SETTINGS)]
     n = len(questions)
     judgements = []
     for raw_ab, raw_ba in zip(raw[:n], raw[n:]):

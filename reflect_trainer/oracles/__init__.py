@@ -1,8 +1,8 @@
 """Oracle engines: a small protocol, one module per engine, one registry line each.
 
-An oracle takes a batch of chat conversations and returns one text per conversation. A conversation that ends with
-an ``assistant`` message is a *pre-fill*: the oracle continues that message instead of starting a new one, and
-returns only what it added.
+An oracle takes a batch of chat conversations and returns one :class:`Generation` per conversation: the text and
+why generation stopped. A conversation that ends with an ``assistant`` message is a *pre-fill*: the oracle continues
+that message instead of starting a new one, and returns only what it added.
 """
 
 from __future__ import annotations
@@ -14,6 +14,33 @@ from typing import Protocol, runtime_checkable
 from ..structured import SectionFormat
 
 Conversation = list[dict[str, str]]
+
+#: Why generation stopped, as OpenAI-compatible servers and vLLM say it. ``stop``: end-of-sequence, a stop string or
+#: the closing marker; ``length``: the token budget ran out (the text may be cut mid-sentence); ``error``: the engine
+#: produced nothing usable for this prompt (``Generation.error`` says what); ``unknown``: an engine (or a cache
+#: record written before finish reasons existed) that does not say.
+FINISH_STOP, FINISH_LENGTH, FINISH_ERROR, FINISH_UNKNOWN = "stop", "length", "error", "unknown"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One prompt's output.
+
+    Args:
+        text: What the oracle added after the prompt (and pre-fill), stop string excluded.
+        finish_reason: ``"stop"``, ``"length"``, ``"error"`` or ``"unknown"`` (see :data:`FINISH_STOP`).
+        error: With ``finish_reason="error"``: a short reason such as ``"oracle_error:400"``. Such a row falls back
+            (counted under that reason) and is not cached, so a later run asks again.
+    """
+
+    text: str
+    finish_reason: str = FINISH_UNKNOWN
+    error: str | None = None
+
+
+def as_generation(output) -> Generation:
+    """Accept a plain string from an engine written before :class:`Generation` (its finish reason is unknown)."""
+    return output if isinstance(output, Generation) else Generation(str(output), FINISH_UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -56,7 +83,7 @@ class Oracle(Protocol):
     #: Tokens generated so far, over all calls.
     tokens_generated: int
 
-    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[str]: ...
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]: ...
 
     def close(self) -> None:
         """Release the model and its memory."""
@@ -92,5 +119,16 @@ def oracle_identity(engine: str, model_path: str | None, **kwargs) -> str:
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """Cut ``text`` at the first stop string (engines that stop on tokens may overshoot by a few characters)."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
+    return _stop_cut(text, stop)[0]
+
+
+def _stop_cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+def finished(text: str, stop: tuple[str, ...], hit_budget: bool) -> Generation:
+    """The :class:`Generation` of a local engine's raw decoded text: cut at the first stop string; ``length`` only
+    when the budget ended it and no stop string did (a stop string in the last tokens means it ended on its own)."""
+    cut, stopped = _stop_cut(text, stop)
+    return Generation(cut, FINISH_LENGTH if hit_budget and not stopped else FINISH_STOP)

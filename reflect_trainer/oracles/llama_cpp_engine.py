@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..structured import SectionFormat
-from . import Conversation, GenerationSettings, cut_at_stop
+from . import Conversation, Generation, GenerationSettings, finished
 from .transformers_engine import weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ class _SectionBudget:
         self.regex = re.compile("|".join(re.escape(m.strip()) for m in set(self.markers)))
         self.preamble = fmt.preamble
         self.max_new = max_new_tokens
+        #: Request positions of sequences whose section text a budget cut (their finish reason is ``length``).
+        self.cut: set[int] = set()
 
     def _reserve(self, k: int) -> int:
         return sum(len(t) for t in self.tokens[k:]) + MIN_SECTION_TOKENS * sum(self.opens[k:])
@@ -115,6 +117,8 @@ class _SectionBudget:
             else:
                 seq.part_budget = (self.max_new - n - self._reserve(k)) // (1 + sum(self.opens[k:]))
         if self.max_new - n <= self._reserve(k) or n - seq.part_start >= seq.part_budget:
+            if not self.opens[k]:
+                self.cut.add(seq.index)  # closing a section the model was still writing
             return self.tokens[k]
         return []
 
@@ -312,7 +316,7 @@ class LlamaCppOracle:
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         return lib.llama_n_ctx_seq(self.ctx)
 
-    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[str]:
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
         if not conversations:
             return []
         prompts = [self.tokenize(self.prompt_text(c)) for c in conversations]
@@ -324,7 +328,7 @@ class LlamaCppOracle:
         waiting = deque(range(len(prompts)))
         free_ids = list(range(lib.llama_n_seq_max(self.ctx)))[::-1]
         active: dict[int, _Sequence] = {}
-        out: list[str] = [""] * len(prompts)
+        out: list[Generation] = [Generation("")] * len(prompts)
         stop_window = max((len(s.encode()) for s in settings.stop), default=0) + 64  # bytes: enough to see a stop
         while waiting or active:
             # Continuous batching: a free sequence slot takes the next prompt at once.
@@ -342,14 +346,17 @@ class LlamaCppOracle:
                 seq = active[seq_id]
                 token = self._sample(seq, k)
                 done = lib.llama_vocab_is_eog(self.vocab, token)
+                hit_budget = False
                 if not done:
                     self._append(seq, token)
                     if budget is not None:
                         self._force(seq, budget.due(seq))
-                    done = (len(seq.tokens) >= settings.max_new_tokens or seq.pos + len(seq.feed) >= room
-                            or any(s in seq.text[-stop_window:].decode("utf-8", "ignore") for s in settings.stop))
+                    hit_budget = len(seq.tokens) >= settings.max_new_tokens or seq.pos + len(seq.feed) >= room
+                    done = hit_budget or any(s in seq.text[-stop_window:].decode("utf-8", "ignore")
+                                             for s in settings.stop)
                 if done:
-                    out[seq.index] = cut_at_stop(seq.text.decode("utf-8", "replace"), settings.stop)
+                    hit_budget = hit_budget or (budget is not None and seq.index in budget.cut)
+                    out[seq.index] = finished(seq.text.decode("utf-8", "replace"), settings.stop, hit_budget)
                     self.tokens_generated += len(seq.tokens)
                     lib.llama_memory_seq_rm(memory, seq_id, -1, -1)
                     lib.llama_sampler_free(seq.sampler)

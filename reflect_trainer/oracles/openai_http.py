@@ -23,7 +23,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import Conversation, GenerationSettings, cut_at_stop
+from . import Conversation, Generation, GenerationSettings, finished
 
 logger = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -90,7 +90,7 @@ class OpenAIHTTPOracle:
         if key:
             self._headers["Authorization"] = f"Bearer {key}"  # kept out of every log and error message
 
-    def _request(self, conversation: Conversation, settings: GenerationSettings) -> tuple[str, int]:
+    def _request(self, conversation: Conversation, settings: GenerationSettings) -> tuple[Generation, int]:
         body: dict = {"model": self.served_model, "max_tokens": settings.max_new_tokens,
                       "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed}
         if settings.stop:
@@ -112,7 +112,9 @@ class OpenAIHTTPOracle:
         data = self._post_with_retries(url, body)
         choice = data["choices"][0]
         text = choice.get("text") if "text" in choice else (choice.get("message") or {}).get("content", "")
-        return cut_at_stop(text or "", settings.stop), int((data.get("usage") or {}).get("completion_tokens", 0))
+        # The server's finish_reason: "stop" (eos or a stop string) or "length" (max_tokens ran out).
+        generation = finished(text or "", settings.stop, choice.get("finish_reason") == "length")
+        return generation, int((data.get("usage") or {}).get("completion_tokens", 0))
 
     def _post_with_retries(self, url: str, body: dict) -> dict:
         payload = json.dumps(body).encode()
@@ -138,7 +140,7 @@ class OpenAIHTTPOracle:
             time.sleep(sleep)
         raise RuntimeError(f"oracle request to {url} failed {self.max_retries + 1} times (last: {problem})")
 
-    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[str]:
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             results = list(pool.map(lambda c: self._request(c, settings), conversations))
         self.tokens_generated += sum(n for _, n in results)

@@ -64,6 +64,8 @@ class SectionFormatProcessor(LogitsProcessor):
         self._close = encode(f" {section_format.marker(section_format.end_marker)}")
         self._bracket_ids = [i for token, i in tokenizer.get_vocab().items() if "[" in token]
         self._states: list[_SequenceState] = []
+        #: Rows whose section text was cut because a budget ran out (their finish reason is ``length``).
+        self.cut_rows: set[int] = set()
 
     # ---- where a sequence is in the format -----------------------------------------------------------------------
     def _locate(self, text: str) -> tuple[str, int]:
@@ -118,6 +120,8 @@ class SectionFormatProcessor(LogitsProcessor):
                 scores[row, self.eos_token_ids + self._bracket_ids] = -float("inf")  # an empty section would not parse
                 continue
             if part[0] == "after" or wants_to_stop or over_budget or no_room:
+                if part[0] == "in" and not wants_to_stop:
+                    self.cut_rows.add(row)  # the section is closed mid-text by the budget, not by the model
                 state.forced = self._next_markers(part)
                 self._force(scores, row, state.forced.pop(0))
         return scores

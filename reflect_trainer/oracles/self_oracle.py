@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from . import Conversation, GenerationSettings
+from . import Conversation, Generation, GenerationSettings
 from .transformers_engine import TransformersOracle
 
 
@@ -54,7 +54,7 @@ class SelfOracle(TransformersOracle):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device  # wherever the Trainer put the student by now
 
-    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[str]:
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
         was_training = self.model.training
         self.model.eval()
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import Conversation, GenerationSettings, cut_at_stop
+from . import Conversation, Generation, GenerationSettings, finished
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +108,18 @@ class TransformersOracle:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[str]:
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
         prompts = [self._prompt_text(c) for c in conversations]
         # Sort by length so each sub-batch pads little; restore the order at the end.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out: list[str] = [""] * len(prompts)
+        out: list[Generation] = [Generation("")] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             for i, text in zip(idx, self._generate_batch([prompts[i] for i in idx], settings)):
                 out[i] = text
         return out
 
-    def _generate_batch(self, prompts: list[str], settings: GenerationSettings) -> list[str]:
+    def _generate_batch(self, prompts: list[str], settings: GenerationSettings) -> list[Generation]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         # synced_gpus=False: generate() would otherwise turn it on whenever ZeRO-3 is active and keep every rank
         # stepping until all finish. The oracle is whole on each rank, and ranks call it out of step (different
@@ -138,21 +138,28 @@ class TransformersOracle:
         eos_list = [*(configured if isinstance(configured, list) else [configured]), self.tokenizer.eos_token_id,
                     self.tokenizer.pad_token_id]
         eos_list = [t for t in eos_list if t is not None]
+        processor = None
         if settings.section_format is not None:
             from transformers import LogitsProcessorList
 
             from .section_processor import SectionFormatProcessor
 
-            kwargs["logits_processor"] = LogitsProcessorList([SectionFormatProcessor(
-                settings.section_format, self.tokenizer, enc["input_ids"].shape[1], settings.max_new_tokens, eos_list)])
+            processor = SectionFormatProcessor(
+                settings.section_format, self.tokenizer, enc["input_ids"].shape[1], settings.max_new_tokens, eos_list)
+            kwargs["logits_processor"] = LogitsProcessorList([processor])
         generated = self.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
         eos_ids = set(eos_list)
-        texts = []
-        for row in generated.tolist():
-            n = next((k for k, t in enumerate(row) if t in eos_ids), len(row))
+        outputs = []
+        for k, row in enumerate(generated.tolist()):
+            # A sequence that stopped (end-of-sequence or a stop string) is padded with pad/eos ids afterwards; one
+            # that ran to max_new_tokens has none. A section the structured-output processor closed because its
+            # budget ran out was cut too, though the sequence then ends on eos.
+            n = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
             self.tokens_generated += n
-            texts.append(cut_at_stop(self.tokenizer.decode(row[:n], skip_special_tokens=True), settings.stop))
-        return texts
+            hit_budget = n >= settings.max_new_tokens or (processor is not None and k in processor.cut_rows)
+            outputs.append(finished(self.tokenizer.decode(row[:n], skip_special_tokens=True), settings.stop,
+                                    hit_budget))
+        return outputs
 
     def _generate_kwargs(self) -> dict:
         return {}

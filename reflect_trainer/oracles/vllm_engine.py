@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import Conversation, GenerationSettings, cut_at_stop
+from . import Conversation, Generation, GenerationSettings, finished
 from .transformers_engine import weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class VLLMOracle:
             self.llm.sleep(level=self.sleep_level)
             self._asleep = True
 
-    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[str]:
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
         if not conversations:
             return []
         # Token ids, not text: vLLM would tokenize a text prompt with special tokens added (a second BOS for
@@ -197,7 +197,8 @@ class VLLMOracle:
         for output in outputs:  # vLLM returns them in prompt order
             completion = output.outputs[0]
             self.tokens_generated += len(completion.token_ids)
-            texts.append(cut_at_stop(completion.text, settings.stop))
+            # vLLM's own finish_reason: "stop" (eos or a stop string) or "length" (max_tokens).
+            texts.append(finished(completion.text, settings.stop, completion.finish_reason == "length"))
         return texts
 
     def close(self) -> None:
