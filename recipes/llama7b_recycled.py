@@ -36,6 +36,8 @@ class RecipeArguments:
         metadata={"help": "JSON/JSONL/Parquet file or datasets folder; 'alpaca-eval' is the embedded real data."},
     )
     dataset_limit: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
+    dataset_max_answer_words: int | None = field(
+        default=None, metadata={"help": "alpaca-eval only: keep pairs whose answer has at most N words."})
     recycled_out: str | None = field(
         default=None, metadata={"help": "Save the recycled data set that was trained on (.jsonl or .parquet)."}
     )
@@ -106,7 +108,7 @@ def main() -> None:
     model_path = resolve_model_path(model_config.model_name_or_path or EMBEDDED)
     check_hardware(recipe, model_path)
 
-    data = load_data(recipe.dataset_path, recipe.dataset_limit)
+    data = load_data(recipe.dataset_path, recipe.dataset_limit, recipe.dataset_max_answer_words)
 
     # As TRL's own sft script does, the trainer loads the student. The distributed state must exist first: ZeRO-3
     # partitions the student under zero.Init, which reads the world size from it.

@@ -87,13 +87,13 @@ def _cmd_inspect(args) -> int:
         print("=" * 80)
         print(f"BEFORE Q: {fmt(before_q)}")
         print(f"BEFORE A: {fmt(before_a)}")
-        print(f"AFTER  Q: {fmt(row['recycled_instruction'])}")
-        print(f"AFTER  A: {fmt(row['recycled_output'])}")
-        print(
-            "fallbacks: instruction_reflection="
-            f"{row.get('instruction_reflection_fallback')}, "
-            f"response_reflection={row.get('response_reflection_fallback')}"
-        )
+        # The recycled text in full: a rewrite cut off mid-sentence must be visible as such, not hidden by "…".
+        print(f"AFTER  Q: {row['recycled_instruction']}")
+        print(f"AFTER  A: {row['recycled_output']}")
+        for phase in ("instruction_reflection", "response_reflection"):
+            if row.get(f"{phase}_raw") is not None or row.get(f"{phase}_fallback") is not None:
+                print(f"{phase}: {row.get(f'{phase}_fallback') or 'accepted'} "
+                      f"(oracle stopped: {row.get(f'{phase}_finish') or 'unknown'})")
     return 0
 
 

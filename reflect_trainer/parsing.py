@@ -13,6 +13,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .gates import GATE_REASONS, TRUNCATED, AcceptanceGates, is_truncated, judge_rewrite
+from .oracles import FINISH_UNKNOWN
+
 # Fallback reasons, recorded per phase. Everything but these means "parsed and accepted".
 NO_SECTION = "no_section"
 EMPTY = "empty"
@@ -23,6 +26,8 @@ ECHO_PROMPT = "echo_prompt"
 TOO_SHORT = "too_short"
 UNPARSED_REASONS = (NO_SECTION, EMPTY, PLACEHOLDER)  # the output had no usable section at all
 DEGENERATE_REASONS = (LOOP, ECHO_ORIGINAL, ECHO_PROMPT, TOO_SHORT)  # a section, but not an improvement
+GATED_REASONS = tuple(r for r in GATE_REASONS if r != LOOP)  # a section, but cut off, shorter or incomplete
+PARSED_BUT_REJECTED = DEGENERATE_REASONS + GATED_REASONS  # the output had its section; the gates said no
 
 _EMPTY_VALUES = {"", "n/a", "na", "none", "null", "-", "...", "…"}
 
@@ -84,20 +89,29 @@ def split_sections(
     often omit ``[End]``). ``open_section`` is a marker already opened by the pre-filled text. The first non-empty
     occurrence of each marker wins: it is what the oracle wrote before any looping.
     """
+    spans = section_spans(generated, sections, end_marker, open_section)
+    return {name: content for name, (content, _) in spans.items()}
+
+
+def section_spans(
+    generated: str, sections: dict[str, str], end_marker: str = "End", open_section: str | None = None
+) -> dict[str, tuple[str, bool]]:
+    """Like :func:`split_sections`, with whether each section was *closed* (by ``[End]`` or the next marker) rather
+    than running to the end of the text — a section that runs to the end may have been cut by the token budget."""
     names = list(sections.values())
     ordered = sorted(set(names + [end_marker]), key=len, reverse=True)
     regex = marker_regex(ordered)
     hits = [(m.start(), m.end(), ordered[int(m.lastgroup[1:])]) for m in regex.finditer(generated)]
 
-    def content_from(pos: int) -> str:
-        stop = min((start for start, _, _ in hits if start >= pos), default=len(generated))
-        return generated[pos:stop]
+    def content_from(pos: int) -> tuple[str, bool]:
+        stop = min((start for start, _, _ in hits if start >= pos), default=None)
+        return (generated[pos:], False) if stop is None else (generated[pos:stop], True)
 
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, bool]] = {}
     if open_section is not None:
         found[open_section] = content_from(0)
     for _, end, name in hits:
-        if name != end_marker and (name not in found or not _clean(found[name])):
+        if name != end_marker and (name not in found or not _clean(found[name][0])):
             found[name] = content_from(end)
     return found
 
@@ -184,19 +198,36 @@ def parse_step_output(
     boilerplate: str,
     placeholders: tuple[str, ...] = (),
     prompt: str = "",
+    finish_reason: str = FINISH_UNKNOWN,
+    gates: AcceptanceGates | None = None,
+    rewrites_answer: bool = False,
 ) -> ParseResult:
-    """Parse one step's generated text into pair fields. Never raises on any input text."""
+    """Parse one step's generated text into pair fields, then apply the acceptance gates. Never raises on any text.
+
+    ``finish_reason`` is why the oracle stopped (``stop``, ``length``, ...); ``gates`` the thresholds (``None``:
+    parsing and degeneracy checks only); ``rewrites_answer``: the ``output`` section replaces ``originals["output"]``
+    (response reflection), so it must not be much shorter.
+    """
     try:
-        raw = split_sections(generated, sections, open_section=prefill_section)
+        raw = section_spans(generated, sections, open_section=prefill_section)
     except Exception:  # noqa: BLE001 — the parser must never take a run down; an odd text is a fallback
         return ParseResult(reason=NO_SECTION)
     result = ParseResult()
     for field_name, marker in sections.items():
         if marker not in raw:
             return ParseResult(reason=NO_SECTION)
-        generated_part = raw[marker]
+        generated_part, closed = raw[marker]
         value = _clean((prefill_body if marker == prefill_section else "") + generated_part)
-        reason = judge_field(generated_part, originals.get(field_name, ""), boilerplate, placeholders, prompt)
+        reason = None
+        if gates is not None and gates.reject_truncated and is_truncated(finish_reason, closed, generated_part):
+            reason = TRUNCATED  # first: a text cut by the budget is cut, whatever else it resembles
+        reason = reason or judge_field(generated_part, originals.get(field_name, ""), boilerplate, placeholders,
+                                       prompt)
+        if reason is None and gates is not None:
+            kind = ("instruction" if field_name == "instruction"
+                    else "better_answer" if rewrites_answer else "answer")
+            reason = judge_rewrite(gates, value=value, generated_part=generated_part, section_closed=closed,
+                                   finish_reason=finish_reason, original=originals.get(field_name, ""), kind=kind)
         if reason is not None:
             return ParseResult(reason=reason)
         result.fields[field_name] = value

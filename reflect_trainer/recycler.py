@@ -22,9 +22,18 @@ from .cache import RecycleCache, cache_key
 from .config import ReflectionConfig
 from .export import DROPPED_BY_SELECTION
 from .formats import BadRowError, Pair, detect_format, row_to_pair, validate_rows
-from .oracles import FINISH_ERROR, GenerationSettings, Oracle, as_generation, load_oracle, oracle_identity
+from .gates import ends_mid_sentence
+from .oracles import (
+    FINISH_ERROR,
+    FINISH_UNKNOWN,
+    GenerationSettings,
+    Oracle,
+    as_generation,
+    load_oracle,
+    oracle_identity,
+)
 from .parsing import (
-    UNPARSED_REASONS,
+    PARSED_BUT_REJECTED,
     has_marker_like_text,
     marker_regex,
     neutralize_markers,
@@ -56,6 +65,8 @@ RECYCLED_COLUMNS = (
     "response_reflection_raw",
     "instruction_reflection_fallback",
     "response_reflection_fallback",
+    "instruction_reflection_finish",
+    "response_reflection_finish",
     "skip_reason",
 )
 #: Columns added in ``selective`` mode: the ``a`` version (response reflection of the original), the ``qa`` answer
@@ -65,6 +76,7 @@ SELECTION_COLUMNS = (
     "a_output",
     "a_raw",
     "a_fallback",
+    "a_finish",
     "qa_output",
     *(f"{score}_{version}" for score in ("ifd", "rifd") for version in VERSIONS),
     "selected_version",
@@ -78,6 +90,7 @@ class PhaseOutcome:
     pair: Pair  # the phase's result: the new pair, or the input pair when it fell back
     raw: str  # the oracle's texts for this phase, pre-fills included, steps separated by blank lines
     reason: str | None  # fallback reason, None when accepted
+    finish: str = ""  # why the oracle stopped, per step ("stop", "length", ...), comma-separated
 
 
 @dataclass
@@ -383,16 +396,25 @@ class Recycler:
         labels = stat_labels or [template.phase] * len(inputs)
         fields = [{"instruction": p.instruction, "input": p.input, "output": p.output} for p in inputs]
         raws: list[list[str]] = [[] for _ in inputs]
+        finishes: list[list[str]] = [[] for _ in inputs]
         reasons: list[str | None] = [None] * len(inputs)
         for step in template.steps:
             alive = [i for i in range(len(inputs)) if reasons[i] is None]
             if not alive:
                 break
-            prompts = [self._step_prompt(template, step, fields[i]) for i in alive]
-            records = self._generate_cached(template, step, [p[0] for p in prompts])
-            for i, (conversation, prefill_section, prefill_body), record in zip(alive, prompts, records):
+            prompts = {i: self._step_prompt(template, step, fields[i]) for i in alive}
+            records = self._generate_by_budget(template, step, {i: prompts[i][0] for i in alive},
+                                               {i: self._budget(step, fields[i]) for i in alive})
+            for i in alive:
+                conversation, prefill_section, prefill_body = prompts[i]
+                record = records[i]
                 prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
                 raws[i].append(prefill + record["raw"])
+                finish = record.get("finish", FINISH_UNKNOWN)  # records cached before finish reasons: unknown
+                finishes[i].append(finish)
+                if finish == FINISH_ERROR:
+                    reasons[i] = record.get("error") or "oracle_error"
+                    continue
                 originals = {
                     "instruction": inputs[i].instruction + (f"\n\n{inputs[i].input}" if inputs[i].input else ""),
                     "output": inputs[i].output,
@@ -406,6 +428,9 @@ class Recycler:
                     boilerplate=_boilerplate(step),
                     placeholders=step.placeholders,
                     prompt="\n".join(m["content"] for m in conversation if m["role"] != "assistant"),
+                    finish_reason=finish,
+                    gates=self.config.gates,
+                    rewrites_answer=template.phase == RESPONSE_REFLECTION,
                 )
                 if parsed.ok:
                     fields[i].update(parsed.fields)
@@ -417,16 +442,40 @@ class Recycler:
         for i, pair in enumerate(inputs):
             reason, phase = reasons[i], labels[i]
             self._stats.phase_counts[(phase, "total")] += 1
-            if reason not in UNPARSED_REASONS:
+            if reason is None or reason in PARSED_BUT_REJECTED:
                 self._stats.phase_counts[(phase, "parsed")] += 1
             if reason is None:
                 self._stats.phase_counts[(phase, "accepted")] += 1
                 new = Pair(fields[i]["instruction"], fields[i]["input"], fields[i]["output"], pair.history)
+                if ends_mid_sentence(new.output):  # should stay 0: the truncation gate's own check
+                    self._stats.phase_counts[(phase, "accepted_ending_mid_sentence")] += 1
             else:
                 self._stats.phase_counts[(phase, f"fallback/{reason}")] += 1
                 new = pair
-            outcomes.append(PhaseOutcome(pair=new, raw="\n\n".join(raws[i]), reason=reason))
+            outcomes.append(PhaseOutcome(pair=new, raw="\n\n".join(raws[i]), reason=reason,
+                                         finish=",".join(finishes[i])))
         return outcomes
+
+    def _budget(self, step: ReflectionStep, pair_fields: dict[str, str]) -> int:
+        """Tokens the oracle may write for this step and pair: a step's own fixed budget, or, for a step that writes
+        an answer, enough to rewrite the answer at hand (its length x ``length_budget_ratio``), within the cap.
+        Rounded up to a multiple of 64 so a buffer needs only a few ``generate`` calls (one per budget)."""
+        c = self.config
+        if step.max_new_tokens is not None or "output" not in step.sections or not c.length_budget_ratio:
+            return min(step.max_new_tokens or c.max_new_tokens, c.max_new_tokens)
+        estimated_tokens = len(pair_fields["output"]) / 4  # no tokenizer needed: the budget is part of the key
+        wanted = step.budget_base + c.length_budget_ratio * estimated_tokens
+        return min(c.max_new_tokens, -(-int(wanted) // 64) * 64)
+
+    def _generate_by_budget(self, template: ReflectionTemplate, step: ReflectionStep,
+                            conversations: dict[int, list], budgets: dict[int, int]) -> dict[int, dict]:
+        """One oracle call (per cache miss set) for each distinct budget of the step; records by row."""
+        records: dict[int, dict] = {}
+        for budget in sorted(set(budgets.values())):
+            rows = [i for i in conversations if budgets[i] == budget]
+            generated = self._generate_cached(template, step, [conversations[i] for i in rows], budget)
+            records.update(zip(rows, generated))
+        return records
 
     def _step_prompt(self, template: ReflectionTemplate, step: ReflectionStep, pair_fields: dict[str, str]):
         safe = render_fields(*(neutralize_markers(pair_fields[k]) for k in ("instruction", "input", "output")))
@@ -443,7 +492,7 @@ class Recycler:
                 prefill_section, prefill_body = opener[0], prefill[opener[1]:]
         return conversation, prefill_section, prefill_body
 
-    def _settings(self, step: ReflectionStep) -> GenerationSettings:
+    def _settings(self, step: ReflectionStep, max_new_tokens: int) -> GenerationSettings:
         c = self.config
         section_format, stop = None, step.stop
         if c.structured_output:
@@ -452,7 +501,7 @@ class Recycler:
             # The format ends the output itself after the last [End]; an [End] stop would cut it after the first.
             stop = tuple(s for s in step.stop if END_MARKER.lower() not in s.lower())
         return GenerationSettings(
-            max_new_tokens=min(step.max_new_tokens or c.max_new_tokens, c.max_new_tokens),
+            max_new_tokens=max_new_tokens,
             temperature=c.temperature,
             top_p=c.top_p,
             seed=c.oracle_seed,
@@ -460,9 +509,10 @@ class Recycler:
             section_format=section_format,
         )
 
-    def _generate_cached(self, template: ReflectionTemplate, step: ReflectionStep, conversations: list) -> list[dict]:
+    def _generate_cached(self, template: ReflectionTemplate, step: ReflectionStep, conversations: list,
+                         max_new_tokens: int) -> list[dict]:
         """Serve cached records; send all misses of this batch to the oracle in one call; store them durably."""
-        settings = self._settings(step)
+        settings = self._settings(step, max_new_tokens)
         keys = [
             cache_key(
                 {
@@ -615,12 +665,14 @@ def _row_columns(pair: Pair, outcome: dict[str, Any]) -> dict[str, Any]:
         "response_reflection_raw": rr.raw if rr else None,
         "instruction_reflection_fallback": ir.reason if ir else None,
         "response_reflection_fallback": rr.reason if rr else None,
+        "instruction_reflection_finish": ir.finish if ir else None,
+        "response_reflection_finish": rr.finish if rr else None,
         "skip_reason": None,
     }
     if selection is not None:
         a = outcome[RESPONSE_REFLECTION_OF_ORIGINAL]
-        row.update(a_output=a.pair.output, a_raw=a.raw, a_fallback=a.reason, qa_output=rr.pair.output,
-                   selected_version=selection["version"])
+        row.update(a_output=a.pair.output, a_raw=a.raw, a_fallback=a.reason, a_finish=a.finish,
+                   qa_output=rr.pair.output, selected_version=selection["version"])
         for version, scores in selection["scores"].items():
             row[f"ifd_{version}"], row[f"rifd_{version}"] = scores.ifd, scores.reverse_ifd
         if selection["version"] is None:

@@ -26,6 +26,13 @@ PHASES = (
     ("response_reflection_of_original", "response reflection of the original (a, selective mode)", "a_raw",
      "a_fallback"),
 )
+#: Per phase: the column with why the oracle stopped, and the (new, replaced) answer columns of an accepted rewrite.
+PHASE_DETAILS = {
+    "instruction_reflection": ("instruction_reflection_finish", "reflected_output", "output"),
+    "response_reflection": ("response_reflection_finish", "recycled_output", None),
+    "response_reflection_of_original": ("a_finish", "a_output", "output"),
+}
+EXAMPLES_PER_REASON = 2
 #: Versions of a pair that selective mode scores, in the paper's order.
 VERSIONS = ("original", "q", "a", "qa")
 #: Score kinds: ``(column prefix, label)``; columns are ``<prefix>_<version>``.
@@ -312,7 +319,9 @@ def _row_html(index: int, row: dict[str, Any], columns: set[str]) -> str:
     for key, _label, raw_column, fallback_column in PHASES:
         if fallback_column in columns and _phase_ran(row, raw_column, fallback_column, raw_column in columns):
             reason = row.get(fallback_column)
-            badges.append(_badge(key, None if reason is None else str(reason), reason is None))
+            finish = row.get(PHASE_DETAILS[key][0])
+            badges.append(_badge(key, None if reason is None else str(reason), reason is None)
+                          + (f'<span class="badge">stopped: {_e(str(finish))}</span>' if finish else ""))
     if "selected_version" in columns and not _bad_input(row):
         selected = row.get("selected_version")
         badges.append(f'<span class="badge sel" data-selected="{_e(str(selected or DROPPED))}">selected: '
@@ -370,6 +379,61 @@ pre{white-space:pre-wrap;font-size:12px;background:#f6f6f6;padding:6px}
 """
 
 
+def _replaced_answer(row: dict[str, Any], phase: str) -> str:
+    """The answer a phase's rewrite replaces: response reflection in ``both`` mode rewrites the instruction-reflected
+    answer when instruction reflection was accepted, else the original one."""
+    replaced_column = PHASE_DETAILS[phase][2]
+    if replaced_column is not None:
+        return _content(row.get(replaced_column))
+    if row.get("instruction_reflection_fallback") is None and row.get("reflected_output") is not None:
+        return _content(row.get("reflected_output"))
+    return original_pair(row)[1]
+
+
+def _tail(text: str, chars: int = 160) -> str:
+    return text if len(text) <= chars else "…" + text[-chars:]
+
+
+def _acceptance_html(rows: list[dict[str, Any]], columns: set[str]) -> list[str]:
+    """What was accepted (how each rewrite ended, how long it is against what it replaces) and what was rejected and
+    why, with examples: the evidence that "accepted" means complete and not worse."""
+    from .gates import ends_mid_sentence
+
+    out = ['<h2>Accepted rewrites</h2><table id="accepted"><tr><th>phase</th><th>accepted</th>'
+           "<th>how the oracle stopped</th><th>ending mid-sentence</th><th>median length ratio (words, new / "
+           "replaced)</th></tr>"]
+    rejected = ['<h2>What was rejected and why</h2><table id="rejected"><tr><th>phase</th><th>reason</th><th>rows</th>'
+                "<th>examples (how the oracle's text ended)</th></tr>"]
+    for key, label, raw_column, fallback_column in PHASES:
+        finish_column, new_column, _ = PHASE_DETAILS[key]
+        if fallback_column not in columns:
+            continue
+        ran = [r for r in rows if _phase_ran(r, raw_column, fallback_column, raw_column in columns)]
+        if not ran:
+            continue
+        accepted = [r for r in ran if r.get(fallback_column) is None and r.get(new_column) is not None]
+        finishes = Counter(str(r.get(finish_column) or "unknown") for r in accepted)
+        mid = sum(ends_mid_sentence(_content(r.get(new_column))) for r in accepted)
+        ratios = [_words(_content(r.get(new_column))) / max(1, _words(_replaced_answer(r, key))) for r in accepted]
+        median = statistics.median(ratios) if ratios else None
+        out.append(f'<tr data-phase="{key}"><th>{_e(label)}</th>{_count(f"{key}/accepted_rows", len(accepted))}'
+                   f'<td>{_e(", ".join(f"{k}: {v}" for k, v in sorted(finishes.items())) or "-")}</td>'
+                   f'{_count(f"{key}/accepted_mid_sentence", mid)}<td class="num">{_fmt(median, 2)}</td></tr>')
+        by_reason: dict[str, list[dict[str, Any]]] = {}
+        for r in ran:
+            if r.get(fallback_column) is not None:
+                by_reason.setdefault(str(r[fallback_column]), []).append(r)
+        for reason, group in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+            examples = "".join(f"<pre>{_e(_tail(_content(r.get(raw_column))))}</pre>"
+                               for r in group[:EXAMPLES_PER_REASON])
+            rejected.append(f'<tr data-phase="{key}" data-reason="{_e(reason)}"><td>{_e(key)}</td>'
+                            f'<td>{_e(reason)}</td>{_count(f"{key}/rejected/{reason}", len(group))}'
+                            f"<td>{examples}</td></tr>")
+    if len(rejected) == 1:
+        rejected.append('<tr><td colspan="4">nothing rejected</td></tr>')
+    return out + ["</table>"] + rejected + ["</table>"]
+
+
 def render_report(data: Any, max_rows: int = 200, title: str = "recycled data") -> str:
     """The report page as a string (see :func:`write_report`)."""
     if max_rows < 0:
@@ -392,6 +456,7 @@ def render_report(data: Any, max_rows: int = 200, title: str = "recycled data") 
            '<p class="note">An export written by <code>reflect-trainer recycle</code> leaves out rows skipped as bad '
            "input (and rows the selection rule dropped); its <code>.stats.json</code> counts them.</p>"]
 
+    out.extend(_acceptance_html(rows, columns))
     out.append("<h2>Reflection phases</h2>")
     if summary["phases"]:
         out.append('<table id="phases"><tr><th>phase</th><th>accepted</th><th>fell back</th></tr>')

@@ -37,8 +37,11 @@ class ReflectionStep:
             marker, that section is open when the oracle starts writing.
         stop: Stop strings. Generation ends at the first one; it is not part of the stored text.
         placeholders: Texts that mean the oracle copied the template instead of answering.
-        max_new_tokens: Lowers the generation setting for this step (short steps need few tokens); the setting
-            stays the ceiling.
+        max_new_tokens: A fixed budget for this step (short steps need few tokens); the setting stays the
+            ceiling. ``None``: a step that writes an ``output`` section gets a budget that follows the length of the
+            answer it rewrites (``budget_base`` + ``length_budget_ratio`` x its estimated tokens).
+        budget_base: Tokens a length-following budget allows beyond the answer: the critique, the markers, a new
+            instruction.
     """
 
     name: str
@@ -49,6 +52,7 @@ class ReflectionStep:
     stop: tuple[str, ...] = ()
     placeholders: tuple[str, ...] = ()
     max_new_tokens: int | None = None
+    budget_base: int = 64
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ PAPER_INSTRUCTION_REFLECTION = ReflectionTemplate(
             ),
             sections={"instruction": "New Instruction", "output": "New Answer"},
             placeholders=("your new instruction", "the new instruction", "your new answer", "the new answer"),
+            budget_base=512,  # critique (~300 tokens at the paper's scale) and the new instruction (~80)
         ),
     ),
 )
@@ -149,6 +154,7 @@ PAPER_RESPONSE_REFLECTION = ReflectionTemplate(
             ),
             sections={"output": "Better Answer"},
             placeholders=("your better answer", "the better answer", "a better answer"),
+            budget_base=384,  # the critique (~250 tokens at the paper's scale)
         ),
     ),
 )

@@ -55,7 +55,9 @@ def install_fake_vllm(monkeypatch, api: str = "structured_outputs") -> list:
         def generate(self, prompts, sampling_params=None, use_tqdm=True):
             log.append(("generate", prompts, sampling_params))
             # Real vLLM stops before a stop string; this one overshoots, so the engine's own cut is tested.
-            return [SimpleNamespace(outputs=[SimpleNamespace(text=f"Answer {i}. [End] spill", token_ids=[5] * (3 + i))])
+            # The second output ran out of tokens: vLLM says so in finish_reason, which the engine passes on.
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=f"Answer {i}. [End] spill", token_ids=[5] * (3 + i),
+                                                             finish_reason="length" if i else "stop")])
                     for i in range(len(prompts))]
 
     class Recorded:
@@ -212,9 +214,17 @@ def test_stop_strings_are_cut_and_generated_tokens_counted(monkeypatch, fake_gpu
     install_fake_vllm(monkeypatch)
     oracle = VLLMOracle(oracle_path)
     texts = oracle.generate([PREFILLED, PLAIN], GenerationSettings(max_new_tokens=8, stop=("[End]",)))
-    assert texts == ["Answer 0. ", "Answer 1. "]
+    assert [g.text for g in texts] == ["Answer 0. ", "Answer 1. "]
+    # A stop string in the text means the output ended on its own, whatever vLLM's token count said.
+    assert [g.finish_reason for g in texts] == ["stop", "stop"]
     assert oracle.tokens_generated == 3 + 4
     assert oracle.generate([], GenerationSettings()) == []
+
+
+def test_finish_reason_length_passes_through_when_no_stop_string_ended_it(monkeypatch, fake_gpu, oracle_path):
+    install_fake_vllm(monkeypatch)
+    outputs = VLLMOracle(oracle_path).generate([PLAIN, PLAIN], GenerationSettings(max_new_tokens=8))
+    assert [g.finish_reason for g in outputs] == ["stop", "length"]
 
 
 def test_close_releases_engine_and_gpu_memory_once(monkeypatch, fake_gpu, oracle_path):
