@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--engine", default="transformers", help="oracle engine: transformers, llama_cpp, vllm, openai")
     rec.add_argument("--base-url", default=None, help="openai engine: server root including /v1")
     rec.add_argument("--served-model", default=None, help="openai engine: model name the server knows")
-    rec.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "none"])
+    rec.add_argument("--quantization", default="auto", choices=["auto", "nf4", "int8", "none"])
     rec.add_argument("--mode", default="both", choices=["instruction", "response", "both", "selective"])
     rec.add_argument("--student", default=None, help="selective mode: local student model that scores the versions")
     rec.add_argument("--selection-threshold", type=float, default=1.0)

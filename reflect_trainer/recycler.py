@@ -31,6 +31,7 @@ from .oracles import (
     as_generation,
     load_oracle,
     oracle_identity,
+    resolve_quantization,
 )
 from .parsing import (
     PARSED_BUT_REJECTED,
@@ -194,6 +195,10 @@ class Recycler:
             from .embedded import default_oracle_path
 
             self._oracle_path = str(default_oracle_path())
+        self.oracle_quantization, why = resolve_quantization(self.config.oracle_engine,
+                                                             self.config.oracle_quantization, self.config.oracle_device)
+        if self.config.oracle_quantization == "auto" and oracle is None:
+            logger.info("oracle quantization: %s (%s)", self.oracle_quantization, why)
         if oracle is not None:
             self.oracle_identity = oracle.identity
         else:
@@ -217,14 +222,14 @@ class Recycler:
     @property
     def oracle(self) -> Oracle:
         if self._oracle is None:
-            logger.info("loading oracle %s (%s)", self._oracle_path, self.config.oracle_quantization)
+            logger.info("loading oracle %s (%s)", self._oracle_path, self.oracle_quantization)
             self._oracle = load_oracle(self.config.oracle_engine, self._oracle_path, **self._oracle_kwargs())
         return self._oracle
 
     def _oracle_kwargs(self) -> dict:
         """Every engine's settings; each engine takes the ones it knows."""
         c = self.config
-        kwargs = dict(quantization=c.oracle_quantization, device=c.oracle_device, batch_size=c.oracle_batch_size,
+        kwargs = dict(quantization=self.oracle_quantization, device=c.oracle_device, batch_size=c.oracle_batch_size,
                       base_url=c.oracle_base_url, served_model=c.oracle_served_model,
                       api_key_env=c.oracle_api_key_env, concurrency=c.oracle_concurrency, timeout=c.oracle_timeout,
                       structured_output_api=c.oracle_structured_output_api,

@@ -416,9 +416,10 @@ def _acceptance_html(rows: list[dict[str, Any]], columns: set[str]) -> list[str]
         mid = sum(ends_mid_sentence(_content(r.get(new_column))) for r in accepted)
         ratios = [_words(_content(r.get(new_column))) / max(1, _words(_replaced_answer(r, key))) for r in accepted]
         median = statistics.median(ratios) if ratios else None
-        out.append(f'<tr data-phase="{key}"><th>{_e(label)}</th>{_count(f"{key}/accepted_rows", len(accepted))}'
-                   f'<td>{_e(", ".join(f"{k}: {v}" for k, v in sorted(finishes.items())) or "-")}</td>'
-                   f'{_count(f"{key}/accepted_mid_sentence", mid)}<td class="num">{_fmt(median, 2)}</td></tr>')
+        out.append(f'<tr data-phase="{key}"><th>{_e(label)}</th><td class="num">{len(accepted)}</td>'
+                   f'<td class="finishes">{_e(", ".join(f"{k}: {v}" for k, v in sorted(finishes.items())) or "-")}'
+                   f'</td><td class="num" data-mid-sentence="{key}">{mid}</td>'
+                   f'<td class="num" data-length-ratio="{key}">{_fmt(median, 2)}</td></tr>')
         by_reason: dict[str, list[dict[str, Any]]] = {}
         for r in ran:
             if r.get(fallback_column) is not None:
@@ -426,9 +427,8 @@ def _acceptance_html(rows: list[dict[str, Any]], columns: set[str]) -> list[str]
         for reason, group in sorted(by_reason.items(), key=lambda item: -len(item[1])):
             examples = "".join(f"<pre>{_e(_tail(_content(r.get(raw_column))))}</pre>"
                                for r in group[:EXAMPLES_PER_REASON])
-            rejected.append(f'<tr data-phase="{key}" data-reason="{_e(reason)}"><td>{_e(key)}</td>'
-                            f'<td>{_e(reason)}</td>{_count(f"{key}/rejected/{reason}", len(group))}'
-                            f"<td>{examples}</td></tr>")
+            rejected.append(f'<tr data-rejected="{_e(key)}/{_e(reason)}"><td>{_e(key)}</td><td>{_e(reason)}</td>'
+                            f'<td class="num">{len(group)}</td><td>{examples}</td></tr>')
     if len(rejected) == 1:
         rejected.append('<tr><td colspan="4">nothing rejected</td></tr>')
     return out + ["</table>"] + rejected + ["</table>"]

@@ -243,3 +243,15 @@ def test_http_engine_passes_the_servers_finish_reason_to_the_gates(tmp_path):
         assert out["response_reflection_fallback"] == ["truncated"]
     finally:
         server.shutdown()
+
+
+def test_inspect_prints_whole_rewrites_and_how_the_oracle_stopped(tmp_path, capsys):
+    from reflect_trainer import save_recycled, to_sft_dataset
+    from reflect_trainer.cli import main as cli_main
+
+    out, _ = recycle(tmp_path, answering(Generation(LONGER, "stop")))
+    path = save_recycled(to_sft_dataset(out), tmp_path / "recycled.jsonl")
+    assert cli_main(["inspect", str(path), "-n", "1", "--width", "40"]) == 0
+    shown = capsys.readouterr().out
+    assert f"AFTER  A: {LONGER}\n" in shown  # in full, never shortened with "…"
+    assert "response_reflection: accepted (oracle stopped: stop)" in shown

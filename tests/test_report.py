@@ -19,7 +19,7 @@ from reflect_trainer.cli import main as cli_main
 from reflect_trainer.report import VERSIONS, render_report, summarize, summary_counts, write_report
 from reflect_trainer.selection import StudentScorer
 
-pytestmark = pytest.mark.slow  # every test reads the data recycled by the real oracle
+SLOW = pytest.mark.slow  # tests that read the data recycled by the real oracle
 N_PAIRS, MAX_NEW_TOKENS = 6, 24
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -70,6 +70,7 @@ def recycled(tmp_path_factory, real_oracle, alpaca_pairs, oracle_path):
     return {"data": data, "recycler": recycler, "both": to_sft_dataset(both), "selective": selective}
 
 
+@SLOW
 def test_report_renders_in_chromium_with_counts_equal_to_the_summary_and_a_real_screenshot(recycled, tmp_path):
     from PIL import Image
 
@@ -113,6 +114,7 @@ def test_report_renders_in_chromium_with_counts_equal_to_the_summary_and_a_real_
     assert colours is None or len(colours) > 20, "the screenshot is blank (one or a few colours)"
 
 
+@SLOW
 def test_untrusted_text_is_escaped_and_no_injected_script_runs(recycled, tmp_path):
     rows = recycled["selective"].to_list()
     payload = '<script>document.title="PWNED"</script>'
@@ -131,6 +133,7 @@ def test_untrusted_text_is_escaped_and_no_injected_script_runs(recycled, tmp_pat
     assert dom_counts(dom)["instruction_reflection/reason/<b>odd reason</b>"] == 1
 
 
+@SLOW
 def test_row_cap_shows_the_first_rows_and_says_how_many_were_left_out(recycled):
     page = render_report(recycled["selective"], max_rows=2)
     assert re.findall(r'data-row="(\d+)"', page) == ["0", "1"]
@@ -141,6 +144,7 @@ def test_row_cap_shows_the_first_rows_and_says_how_many_were_left_out(recycled):
     assert counts["rows"] == N_PAIRS  # counts are over every row, not the shown ones
 
 
+@SLOW
 def test_report_without_score_or_selection_columns_says_so(recycled):
     summary = summarize(recycled["both"])
     assert summary["scores"] == {} and summary["selection"] is None
@@ -150,6 +154,7 @@ def test_report_without_score_or_selection_columns_says_so(recycled):
     assert dom_counts(page) == {**summary_counts(summary), "shown": N_PAIRS, "left_out": 0}
 
 
+@SLOW
 def test_skipped_rows_are_counted_and_shown_without_recycled_fields(recycled):
     """The transform keeps a bad row with its skip reason (an export drops it); served from the cache."""
     bad = {"instruction": ["Say hi."], "input": [""], "output": [None], "source": ["test"]}
@@ -163,6 +168,7 @@ def test_skipped_rows_are_counted_and_shown_without_recycled_fields(recycled):
     assert dom_counts(page)["skipped"] == 1 and "skipped: row 2" in page
 
 
+@SLOW
 def test_cli_report_writes_the_page_next_to_the_export(recycled, tmp_path, capsys):
     out = save_recycled(to_sft_dataset(recycled["selective"], keep_dropped=True), tmp_path / "recycled.jsonl")
     assert cli_main(["report", str(out), "--max-rows", "3"]) == 0
@@ -174,3 +180,27 @@ def test_cli_report_writes_the_page_next_to_the_export(recycled, tmp_path, capsy
     custom = tmp_path / "pages" / "r.html"
     assert cli_main(["report", str(out), "--html", str(custom)]) == 0
     assert dom_counts(custom.read_text())["left_out"] == 0
+
+
+def test_report_shows_rejections_by_reason_with_examples_and_how_accepted_rewrites_ended():
+    # The report is a function of the export's columns: these rows stand for an export (no oracle needed).
+    rows = [
+        {"instruction": "Q1", "output": "one two three four", "recycled_instruction": "Q1",
+         "recycled_output": "one two three four five six seven eight.", "response_reflection_raw": "[Better Answer] x",
+         "response_reflection_fallback": None, "response_reflection_finish": "stop", "skip_reason": None},
+        {"instruction": "Q2", "output": "a b c d", "recycled_instruction": "Q2", "recycled_output": "a b c d",
+         "response_reflection_raw": "[Better Answer] it was cut off in the middle of a", "skip_reason": None,
+         "response_reflection_fallback": "truncated", "response_reflection_finish": "length"},
+        {"instruction": "Q3", "output": "a b c d", "recycled_instruction": "Q3", "recycled_output": "a b c d",
+         "response_reflection_raw": "[Better Answer] cut again", "response_reflection_fallback": "truncated",
+         "response_reflection_finish": "length", "skip_reason": None},
+    ]
+    page = render_report(rows)
+    rejected = re.search(r'<tr data-rejected="response_reflection/truncated">(.*?)</tr>', page, re.S).group(1)
+    assert re.search(r'<td class="num">2</td>', rejected)
+    assert "in the middle of a</pre>" in rejected and "cut again</pre>" in rejected  # examples show the ending
+    accepted = re.search(r'<tr data-phase="response_reflection"><th>[^<]*</th>(.*?)</tr>', page, re.S).group(1)
+    assert '<td class="num">1</td>' in accepted and "stop: 1" in accepted
+    assert re.search(r'data-mid-sentence="response_reflection">0<', accepted)
+    assert re.search(r'data-length-ratio="response_reflection">2\.00<', accepted)  # 8 words replace 4
+    assert "stopped: length" in page  # each row's badge says how the oracle stopped

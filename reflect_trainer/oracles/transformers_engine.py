@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import Conversation, Generation, GenerationSettings, finished
+from . import Conversation, Generation, GenerationSettings, finished, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ def outside_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def identity_for(model_path: str, quantization: str = "nf4", **_: object) -> str:
+def identity_for(model_path: str, quantization: str = "auto", device: str | None = None, **_: object) -> str:
     """The cache identity of an oracle, computed without loading it (so cache hits never load a model)."""
+    quantization, _ = resolve_quantization("transformers", quantization, device)
     return f"transformers:{weights_fingerprint(Path(model_path))}:{quantization}"
 
 
@@ -60,15 +61,17 @@ class TransformersOracle:
 
     Args:
         model_path: Local folder of a causal LM with a chat template. Nothing is fetched from a hub.
-        quantization: ``"nf4"`` (bitsandbytes 4-bit, default; works on CPU and CUDA), ``"int8"`` or ``"none"``.
+        quantization: ``"nf4"`` (bitsandbytes 4-bit; works on CPU and CUDA), ``"int8"``, ``"none"`` or ``"auto"``
+            (default: NF4 on CUDA, none on CPU; see :func:`~reflect_trainer.oracles.resolve_quantization`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: CUDA when available.
         batch_size: Most conversations per ``generate`` call; a larger request is split.
     """
 
-    def __init__(self, model_path: str, quantization: str = "nf4", device: str | None = None, batch_size: int = 16,
+    def __init__(self, model_path: str, quantization: str = "auto", device: str | None = None, batch_size: int = 16,
                  **_: object):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+        quantization, _ = resolve_quantization("transformers", quantization, device)
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         path = Path(model_path)
@@ -98,7 +101,7 @@ class TransformersOracle:
         with outside_zero3_init():
             self.model = AutoModelForCausalLM.from_pretrained(path, device_map={"": self.device}, **kwargs)
         self.model.eval()
-        self.identity = identity_for(model_path, quantization)
+        self.identity = identity_for(model_path, quantization, self.device)
         self.tokens_generated = 0
 
     def _prompt_text(self, conversation: Conversation) -> str:
