@@ -110,7 +110,8 @@ class Trial:
         """A worker's command line; ``self.tag`` is then its tag."""
         self.n += 1
         self.tag = f"w{self.n}"
-        spec = {"dir": str(self.dir), "keys": keys, "calls": str(self.calls), "out": str(self.outs / f"{self.tag}.json"),
+        spec = {"dir": str(self.dir), "keys": keys, "calls": str(self.calls),
+                "out": str(self.outs / f"{self.tag}.json"),
                 "lease": self.lease, "sleep": self.sleep, "batch": self.batch, "tag": self.tag, **extra}
         return [sys.executable, __file__, "--worker", json.dumps(spec)]
 
@@ -143,9 +144,6 @@ class Trial:
                     out.append((seg.name, record))
         return out
 
-    def stored(self) -> dict[str, str]:
-        return {r["key"]: r["raw"] for _, r in self.lines()}
-
     def result(self) -> dict:
         """Counts for the table, from what the processes left on disk."""
         lines = self.lines()
@@ -167,7 +165,8 @@ class Trial:
                     completed[k] += 1
         duplicates = sum(max(0, n - 1) for n in completed.values())
         takeovers = sum(json.loads(out.read_text()).get("taken_over", 0) for out in self.outs.glob("*.json"))
-        return {"faults": len(self.killed), "takeovers": takeovers, "lost": lost, "twice": sum(n - 1 for n in per_key.values()), "dup_gen": duplicates,
+        return {"faults": len(self.killed), "takeovers": takeovers, "lost": lost,
+                "twice": sum(n - 1 for n in per_key.values()), "dup_gen": duplicates,
                 "hangs": self.hangs, "wrong": wrong, "final_ok": final_equals_uninterrupted(final, self.keys)}
 
 
@@ -349,7 +348,8 @@ def main() -> None:
                 shutil.rmtree(root, ignore_errors=True)
             ok += r.pop("final_ok")
             total.update(r)
-        rows.append((name, trials, total["faults"], total["takeovers"], total["lost"], total["twice"], total["dup_gen"], total["hangs"], total["wrong"],
+        rows.append((name, trials, total["faults"], total["takeovers"], total["lost"], total["twice"],
+                     total["dup_gen"], total["hangs"], total["wrong"],
                      f"{ok}/{trials}"))
         print(f"# {name}: done ({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]

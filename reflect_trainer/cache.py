@@ -11,8 +11,8 @@ file and nobody ever rewrites a file:
 * Readers merge all segments into an in-memory index. They open each segment and read to its end (never trusting a
   cached ``stat`` size: on NFS, ``open`` is what revalidates), and never step past a region whose bytes have not
   arrived yet (read as NULs).
-* ``claims/<key>``: a lease on a key, taken before the key is sent to the oracle. See :meth:`RecycleCache.get_or_generate`,
-  the one call that runs the whole protocol (claim, heartbeat, wait, takeover, store, release).
+* ``claims/<key>``: a lease on a key, taken before the key is sent to the oracle. :meth:`RecycleCache.get_or_generate`
+  is the one call that runs the whole protocol (claim, heartbeat, wait, takeover, store, release).
 
 The guarantee
 -------------
@@ -381,8 +381,12 @@ class RecycleCache:
         nonce = json.loads(content)["nonce"]
         path = self._claim_path(key)
         tmp = self.claims_dir / f".{key}.{nonce}.new"
-        with open(tmp, "wb") as f:
-            f.write(content)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(content)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         _HELD_HERE.add(nonce)  # before it is visible: another thread of this process must not judge it a leftover
         try:
             os.link(tmp, path)
@@ -509,23 +513,10 @@ class RecycleCache:
 
         def beat():
             while not stop.wait(self.claim_lease_seconds / 4):
-                with self._lock:
-                    held = list(self._held.items())
-                for key, content in held:
-                    claim = self._read_claim(key)
-                    if claim is not None and claim[0] == content:
-                        try:
-                            os.utime(self._claim_path(key))
-                        except FileNotFoundError:
-                            pass
-                    else:
-                        with self._lock:
-                            lost = self._held.pop(key, None) is not None
-                        if lost:
-                            self.leases_lost += 1
-                            _HELD_HERE.discard(json.loads(content)["nonce"])
-                            logger.warning("lost the claim on %s to another writer (this process stalled longer "
-                                           "than claim_lease_seconds?)", key[:12])
+                try:
+                    self._renew_claims()
+                except OSError as err:  # keep beating: a transient error must not cost the leases
+                    logger.warning("could not renew cache claims: %s", err)
 
         thread = threading.Thread(target=beat, name="reflect-cache-heartbeat", daemon=True)
         thread.start()
@@ -534,6 +525,26 @@ class RecycleCache:
         finally:
             stop.set()
             thread.join()
+
+    def _renew_claims(self) -> None:
+        """Heartbeat: touch each claim we hold, if it is still ours (else we lost it: stalled past the lease)."""
+        with self._lock:
+            held = list(self._held.items())
+        for key, content in held:
+            claim = self._read_claim(key)
+            if claim is not None and claim[0] == content:
+                try:
+                    os.utime(self._claim_path(key))
+                except FileNotFoundError:
+                    pass
+            else:
+                with self._lock:
+                    lost = self._held.pop(key, None) is not None
+                if lost:
+                    self.leases_lost += 1
+                    _HELD_HERE.discard(json.loads(content)["nonce"])
+                    logger.warning("lost the claim on %s to another writer (this process stalled longer "
+                                   "than claim_lease_seconds?)", key[:12])
 
     # ---- the one call ---------------------------------------------------------------------------------------
     def get_or_generate(self, keys: list[str], generate: Generate) -> Fetched:
@@ -554,15 +565,16 @@ class RecycleCache:
         hints: set[str] = set()  # segments of the writers whose claims we saw: read even if not listed yet
         waited: set[str] = set()
         started = time.monotonic()
+        mine: list[str] = []
         with self._heartbeat():
-            while pending:
-                mine = [k for k in pending if self._acquire(k, seen, fetched, started, hints) == "mine"]
-                self.refresh(hints)  # a record may have landed between our look and our claim
-                for k in [k for k in mine if k in self._index]:
-                    self.release(k)
-                mine = [k for k in mine if k not in self._index]
-                if mine:
-                    try:
+            try:
+                while pending:
+                    mine = [k for k in pending if self._acquire(k, seen, fetched, started, hints) == "mine"]
+                    self.refresh(hints)  # a record may have landed between our look and our claim
+                    for k in [k for k in mine if k in self._index]:
+                        self.release(k)
+                    mine = [k for k in mine if k not in self._index]
+                    if mine:
                         fetched.generated += len(mine)
                         records, failed = generate(mine)
                         missing = set(mine) - {r["key"] for r in records} - set(failed)
@@ -574,13 +586,15 @@ class RecycleCache:
                             if k in mine:
                                 fetched.records[k] = record
                                 fetched.failed += 1
-                    finally:
                         for k in mine:
                             self.release(k)
-                pending = [k for k in pending if k not in self._index and k not in fetched.records]
-                if pending:
-                    waited.update(pending)
-                    self._wait(pending, seen, hints, started)
+                    pending = [k for k in pending if k not in self._index and k not in fetched.records]
+                    if pending:
+                        waited.update(pending)
+                        self._wait(pending, seen, hints, started)
+            finally:  # an error (oracle, disk, interrupt): give our claims back at once, others need not wait
+                for k in [k for k in pending if k in self._held]:
+                    self.release(k)
         fetched.waited = len(waited)
         for k in keys:
             if k not in fetched.records:

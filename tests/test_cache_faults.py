@@ -198,6 +198,49 @@ def test_heartbeat_keeps_a_slow_owners_claim_past_the_lease(tmp_path):
     assert [r["key"] for r in stored_lines(tmp_path / "cache")] == ["k"]
 
 
+def test_owner_that_lost_its_lease_keeps_the_new_owners_record_and_stores_no_second_copy(tmp_path):
+    # A stalls (no heartbeat for longer than the lease) mid-call; B takes the key over, generates and stores it.
+    # When A's call returns, the key is stored once and A serves B's record: at least once, deduplicated.
+    a = RecycleCache(tmp_path, claim_lease_seconds=3600)  # its heartbeat would come only after an hour
+    a._owner["pidns"] = "pid:[1]"  # as if on another host: judged by its heartbeat alone
+    b = RecycleCache(tmp_path, claim_lease_seconds=0.5)
+    a_generating, b_done = threading.Event(), threading.Event()
+
+    def slow_a(keys):
+        a_generating.set()
+        assert b_done.wait(HANG)
+        return [{"key": k, "raw": "A's"} for k in keys], {}
+
+    thread = threading.Thread(target=lambda: result.append(a.get_or_generate(["k"], slow_a)), daemon=True)
+    result = []
+    thread.start()
+    assert a_generating.wait(HANG)
+    fetched_b = bounded(lambda: b.get_or_generate(["k"], lambda keys: ([{"key": k, "raw": "B's"} for k in keys], {})))
+    b_done.set()
+    thread.join(HANG)
+    assert fetched_b.taken_over == 1 and fetched_b.records["k"]["raw"] == "B's"
+    assert result[0].records["k"]["raw"] == "B's"
+    assert [(r["key"], r["raw"]) for r in stored_lines(tmp_path)] == [("k", "B's")]
+    assert not list((tmp_path / "claims").iterdir())  # A's late release left nothing behind and freed nothing of B's
+
+
+def test_generate_error_gives_the_claims_back_at_once(tmp_path):
+    cache = RecycleCache(tmp_path, claim_lease_seconds=3600)
+
+    def broken(keys):
+        raise ConnectionError("oracle unreachable")
+
+    try:
+        cache.get_or_generate(["a", "b"], broken)
+        raise AssertionError("the error was swallowed")
+    except ConnectionError:
+        pass
+    assert not list((tmp_path / "claims").iterdir())
+    other = RecycleCache(tmp_path, claim_lease_seconds=3600)
+    fetched = bounded(lambda: other.get_or_generate(["a", "b"], counting_generate(tmp_path, sleep=0)))
+    assert fetched.generated == 2 and fetched.taken_over == 0
+
+
 # ---- defect 2: forked, pickled and num_proc copies are separate writers ----------------------------------------
 def test_forked_copy_is_a_separate_writer_and_each_key_is_generated_once(tmp_path):
     keys = [f"k{i}" for i in range(24)]
