@@ -96,3 +96,30 @@ def test_cache_key_depends_on_every_part_of_the_payload():
                          ("messages", [{"role": "user", "content": "x"}])]:
         keys.add(cache_key({**base, field: value}))
     assert len(keys) == 6
+
+
+def test_recycler_caches_answered_rows_and_asks_again_only_for_rows_the_oracle_failed(tmp_path):
+    from conftest import ScriptedOracle
+    from reflect_trainer import Recycler, ReflectionConfig
+    from reflect_trainer.oracles import Generation
+
+    asked = []
+
+    def script(conversation):
+        text = conversation[-1]["content"] if conversation[-1]["role"] == "user" else conversation[-2]["content"]
+        asked.append("FAILME" in text)
+        if "FAILME" in text:
+            return Generation("", "error", "oracle_error:500")
+        return Generation("A better answer.\n[End]", "stop")
+
+    rows = {"instruction": ["Say hi.", "FAILME please.", "Count to 3."], "input": [""] * 3,
+            "output": ["hi", "no", "1 2 3"]}
+    config = ReflectionConfig(cache_dir=str(tmp_path), mode="response", template_set="compact", progress_bar=False)
+    first = Recycler(config, oracle=ScriptedOracle(script))
+    first(rows)
+    assert sorted(asked) == [False, False, True] and len(first.cache) == 2
+    asked.clear()
+    again = Recycler(config, oracle=ScriptedOracle(script))
+    again(rows)
+    assert asked == [True]  # the two answered rows came from the cache; the failed one was asked again
+    assert again.stats()["cache_hits"] == 2 and len(again.cache) == 2
