@@ -116,6 +116,7 @@ class RecycleStats:
     cache_hits: int = 0
     cache_misses: int = 0
     waited_for_other_writer: int = 0
+    claims_taken_over: int = 0  # keys whose owner died or went silent, generated here instead
     oracle_calls: int = 0
     oracle_prompts: int = 0
     oracle_tokens: int = 0
@@ -532,32 +533,18 @@ class Recycler:
             for conversation in conversations
         ]
         by_key = dict(zip(keys, conversations))
-        failed: dict[str, dict] = {}  # this call's rows the oracle could not answer: not cached, asked again later
-        self.cache.refresh()
-        hits = sum(k in self.cache for k in keys)
-        self._stats.cache_hits += hits
-        self._stats.cache_misses += len(keys) - hits
-        missing = [k for k in by_key if k not in self.cache]
-        while missing:
-            mine = [k for k in missing if self.cache.try_claim(k)]
-            self.cache.refresh()  # another writer may have stored a key between our look and our claim
-            for k in [k for k in mine if k in self.cache]:
-                self.cache.release(k)
-            mine = [k for k in mine if k not in self.cache]
-            theirs = [k for k in missing if k not in mine and k not in self.cache]
-            if mine:
-                try:
-                    failed.update(self._call_oracle(mine, [by_key[k] for k in mine], settings, template, step))
-                finally:
-                    for k in mine:
-                        self.cache.release(k)
-            self._stats.waited_for_other_writer += len(theirs)
-            missing = self.cache.wait_for(theirs)  # keys whose owner died come back and are claimed again
-        return [self.cache.get(k) or failed[k] for k in keys]
+        fetched = self.cache.get_or_generate(
+            keys, lambda mine: self._call_oracle(mine, [by_key[k] for k in mine], settings, template, step)
+        )
+        self._stats.cache_hits += fetched.hits
+        self._stats.cache_misses += fetched.misses
+        self._stats.waited_for_other_writer += fetched.waited
+        self._stats.claims_taken_over += fetched.taken_over
+        return [fetched.records[k] for k in keys]
 
-    def _call_oracle(self, keys, conversations, settings, template, step) -> dict[str, dict]:
-        """Generate ``keys``; store every answer durably with its finish reason. Returns the records of rows the
-        oracle could not answer (``finish="error"``): they are not cached, so a later run asks again."""
+    def _call_oracle(self, keys, conversations, settings, template, step) -> tuple[list[dict], dict[str, dict]]:
+        """Generate ``keys``: returns the records to store (with their finish reasons) and the records of rows the
+        oracle could not answer (``finish="error"``), which are not cached, so a later run asks again."""
         oracle = self.oracle
         tokens_before = oracle.tokens_generated
         start = time.perf_counter()
@@ -579,8 +566,7 @@ class Recycler:
         for k, g in zip(keys, outputs):
             if g.finish_reason == FINISH_ERROR:
                 failed[k] = {**records.pop(k), "error": g.error or "oracle_error"}
-        self.cache.put_many(list(records.values()))
-        return failed
+        return list(records.values()), failed
 
     # ---- whole data sets ----------------------------------------------------------------------------------------
     def recycle_dataset(self, dataset, batch_size: int = 16):

@@ -29,32 +29,64 @@ def test_torn_and_corrupt_lines_are_ignored_and_cache_still_opens(tmp_path):
     assert "bad" not in reopened and "torn" not in reopened and len(reopened) == 1
 
 
-def test_claims_are_exclusive_and_released_on_store(tmp_path):
+def test_claims_are_exclusive_and_released_only_by_their_owner(tmp_path):
     a, b = RecycleCache(tmp_path), RecycleCache(tmp_path)
     assert a.try_claim("k") and not b.try_claim("k")
-    a.put_many([{"key": "k", "raw": "x"}])
+    claim = (tmp_path / "claims" / "k").read_bytes()
+    b.release("k")  # not b's claim: left alone
+    assert (tmp_path / "claims" / "k").read_bytes() == claim
+    a.release("k")
     assert not (tmp_path / "claims" / "k").exists()
-    assert b.wait_for(["k"], poll=0.01) == [] and b.get("k")["raw"] == "x"
+    assert b.try_claim("k")
 
 
-def test_claim_of_a_dead_process_is_taken_over(tmp_path):
-    # A process claims a key and dies without storing it (kill -9 mid-generation).
+def test_claim_of_a_dead_process_is_taken_over_at_once(tmp_path):
+    # A process claims a key and dies without storing it (kill -9 mid-generation). With an hour-long lease, only
+    # the dead owner's pid tells: the survivor must not wait for the lease.
     code = f"from reflect_trainer.cache import RecycleCache; RecycleCache({str(tmp_path)!r}).try_claim('k')"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "claims" / "k").exists()
-    survivor = RecycleCache(tmp_path)
-    assert survivor.wait_for(["k"], poll=0.01) == ["k"]  # reported as orphaned, not waited on forever
-    assert survivor.try_claim("k")
+    survivor = RecycleCache(tmp_path, claim_lease_seconds=3600)
+    fetched = survivor.get_or_generate(["k"], lambda keys: ([{"key": k, "raw": "redone"} for k in keys], {}))
+    assert fetched.taken_over == 1 and fetched.generated == 1 and fetched.records["k"]["raw"] == "redone"
+    assert not (tmp_path / "claims" / "k").exists()
 
 
-def test_claim_on_another_host_expires_after_timeout(tmp_path):
+def test_claim_on_another_host_expires_when_its_heartbeat_is_old(tmp_path):
     other = RecycleCache(tmp_path)
-    other.host = "some-other-node"
+    other._owner.update(host="some-other-node", boot="another-boot-id")
     assert other.try_claim("k")
-    fresh = RecycleCache(tmp_path, claim_timeout=3600)
+    fresh = RecycleCache(tmp_path, claim_lease_seconds=600)
     assert not fresh.try_claim("k")
-    os.utime(tmp_path / "claims" / "k", (0, 0))  # an hour-old claim from a node that went away
+    os.utime(tmp_path / "claims" / "k", (0, 0))  # no heartbeat for ages: a node that went away
     assert fresh.try_claim("k")
+
+
+def test_get_or_generate_serves_hits_generates_misses_and_keeps_failed_rows_uncached(tmp_path):
+    cache = RecycleCache(tmp_path)
+    cache.put_many([{"key": "old", "raw": "stored before"}])
+    asked = []
+
+    def generate(keys):
+        asked.append(list(keys))
+        return [{"key": "new", "raw": "fresh"}], {"bad": {"key": "bad", "raw": "", "error": "timeout"}}
+
+    fetched = cache.get_or_generate(["old", "new", "bad", "new"], generate)
+    assert asked == [["new", "bad"]]
+    assert (fetched.hits, fetched.misses, fetched.generated, fetched.failed) == (1, 3, 2, 1)
+    assert fetched.records["old"]["raw"] == "stored before" and fetched.records["new"]["raw"] == "fresh"
+    assert fetched.records["bad"]["error"] == "timeout"
+    reopened = RecycleCache(tmp_path)
+    assert "new" in reopened and "bad" not in reopened  # the failed row is asked again next time
+    assert not list((tmp_path / "claims").iterdir())
+
+
+def test_lone_surrogate_in_oracle_text_is_stored_and_read_back_unchanged(tmp_path):
+    text = "broken \ud83d emoji half and a normal é"
+    RecycleCache(tmp_path).put_many([{"key": "s", "raw": text}, {"key": "t", "raw": "plain ü"}])
+    reopened = RecycleCache(tmp_path)
+    assert reopened.get("s")["raw"] == text and reopened.get("t")["raw"] == "plain ü"
+    assert cache_key({"messages": [{"content": text}]}) != cache_key({"messages": [{"content": "broken"}]})
 
 
 def test_cache_key_depends_on_every_part_of_the_payload():
@@ -64,3 +96,30 @@ def test_cache_key_depends_on_every_part_of_the_payload():
                          ("messages", [{"role": "user", "content": "x"}])]:
         keys.add(cache_key({**base, field: value}))
     assert len(keys) == 6
+
+
+def test_recycler_caches_answered_rows_and_asks_again_only_for_rows_the_oracle_failed(tmp_path):
+    from conftest import ScriptedOracle
+    from reflect_trainer import Recycler, ReflectionConfig
+    from reflect_trainer.oracles import Generation
+
+    asked = []
+
+    def script(conversation):
+        text = conversation[-1]["content"] if conversation[-1]["role"] == "user" else conversation[-2]["content"]
+        asked.append("FAILME" in text)
+        if "FAILME" in text:
+            return Generation("", "error", "oracle_error:500")
+        return Generation("A better answer.\n[End]", "stop")
+
+    rows = {"instruction": ["Say hi.", "FAILME please.", "Count to 3."], "input": [""] * 3,
+            "output": ["hi", "no", "1 2 3"]}
+    config = ReflectionConfig(cache_dir=str(tmp_path), mode="response", template_set="compact", progress_bar=False)
+    first = Recycler(config, oracle=ScriptedOracle(script))
+    first(rows)
+    assert sorted(asked) == [False, False, True] and len(first.cache) == 2
+    asked.clear()
+    again = Recycler(config, oracle=ScriptedOracle(script))
+    again(rows)
+    assert asked == [True]  # the two answered rows came from the cache; the failed one was asked again
+    assert again.stats()["cache_hits"] == 2 and len(again.cache) == 2
