@@ -557,7 +557,9 @@ class Recycler:
                 columns.setdefault(k, []).extend(v)
         self.close_progress()
         self.log_summary()
-        return Dataset.from_dict(columns) if columns else Dataset.from_dict({})
+        if not columns:  # no usable row: an empty data set with the columns it would have had
+            columns = {name: [] for name in dict.fromkeys([*dataset.column_names, *self.columns])}
+        return Dataset.from_dict(columns)
 
     def close_progress(self) -> None:
         if self._progress is not None:
