@@ -1,4 +1,8 @@
-"""``reflect-trainer`` command line: fetch the embedded default, recycle a data set offline, inspect the result."""
+"""``reflect-trainer`` command line: fetch the embedded default, recycle a data set offline, inspect the result.
+
+Exit codes: 0 done; 2 a bad input row (with ``--on-bad-row error``: the message names the row and the field);
+3 ``recycle`` found no usable row (every row skipped as bad input): it still writes an empty export and its counters.
+"""
 
 from __future__ import annotations
 
@@ -46,11 +50,21 @@ def _cmd_recycle(args) -> int:
     )
     recycler = Recycler(config, scorer=_student_scorer(args.student) if args.student else None)
     recycled = recycler.recycle_dataset(data, batch_size=args.batch_size)
-    out = save_recycled(to_sft_dataset(recycled, keep_dropped=True), args.out)
+    # Rows the selection rule dropped are left out unless asked for: the export is what gets trained on.
+    exported = to_sft_dataset(recycled, keep_dropped=args.keep_dropped)
+    out = save_recycled(exported, args.out)
     stats = recycler.stats()
     stats_path = out.with_name(out.name + ".stats.json")
     stats_path.write_text(json.dumps(stats, indent=2))
-    print(f"wrote {len(recycled)} recycled rows to {out} (counters in {stats_path})")
+    skipped = {k.split("/", 1)[1]: int(v) for k, v in stats.items() if k.startswith("skipped/")}
+    print(f"wrote {len(exported)} recycled rows to {out} (counters in {stats_path}); "
+          f"{len(data) - len(exported)} of {len(data)} input rows left out: "
+          f"{int(stats.get('rows_skipped', 0))} bad input {skipped or ''}, "
+          f"{int(stats.get('selected/dropped', 0))} dropped by the selection rule"
+          + ("" if args.keep_dropped else " (--keep-dropped keeps them)"))
+    if len(data) and not int(stats.get("rows_recycled", 0)):
+        logger.error("no usable row in %s: every row was skipped as bad input (see the warnings above)", args.data)
+        return 3
     return 0
 
 
@@ -141,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--student", default=None, help="selective mode: local student model that scores the versions")
     rec.add_argument("--selection-threshold", type=float, default=1.0)
     rec.add_argument("--selection-drop", action="store_true", help="selective: mark rows that fail the rule dropped")
+    rec.add_argument("--keep-dropped", action="store_true",
+                     help="selective: export rows the rule dropped too (original text, skip_reason set)")
     rec.add_argument("--templates", default="auto", choices=["auto", "paper", "compact"])
     rec.add_argument("--structured-output", action="store_true", help="constrain outputs to the section format")
     rec.add_argument("--max-new-tokens", type=int, default=512)

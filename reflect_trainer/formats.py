@@ -20,7 +20,8 @@ ALPACA, PROMPT_COMPLETION, MESSAGES = "alpaca", "prompt_completion", "messages"
 class BadRowError(ValueError):
     """A row that cannot be recycled; the message names the row, the field and what to do.
 
-    ``reason`` is a short tag (``missing``, ``not_string``, ``empty``, ``too_long``, ``shape``) used to count skips.
+    ``reason`` is a short tag (``missing``, ``not_string``, ``empty``, ``too_long``, ``encoding``, ``shape``) used to
+    count skips.
     """
 
     def __init__(self, message: str, reason: str = "shape"):
@@ -74,7 +75,26 @@ def _text(row_index: int, name: str, value: Any, max_chars: int, allow_empty: bo
             "raise the limit or set on_bad_row='skip'",
             "too_long",
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate (e.g. "\ud800" in JSON): no tokenizer or server takes it
+        raise BadRowError(
+            f"{where} is not valid Unicode (lone surrogate at character {err.start}); fix the text's encoding or set "
+            "on_bad_row='skip'",
+            "encoding",
+        ) from None
     return value
+
+
+def _history(row_index: int, name: str, messages: list[dict], max_chars: int) -> list[dict]:
+    """Messages kept as they are around the recycled turn: each must be a role and a string (chat templates and
+    tokenisation fail mid-run on ``None`` or a list of content parts)."""
+    for j, message in enumerate(messages):
+        if not isinstance(message.get("role"), str):
+            raise BadRowError(f"row {row_index}, field '{name}[{j}].role' must be a string; fix it or set "
+                              "on_bad_row='skip'")
+        _text(row_index, f"{name}[{j}].content", message.get("content"), max_chars, allow_empty=True)
+    return [dict(m) for m in messages]
 
 
 def _messages(row_index: int, name: str, value: Any) -> list[dict]:
@@ -104,7 +124,7 @@ def row_to_pair(row: dict[str, Any], fmt: str, row_index: int, max_chars: int) -
                 instruction=_text(row_index, "prompt[-1].content", prompt[-1].get("content"), max_chars),
                 input="",
                 output=_text(row_index, "completion[0].content", completion[0].get("content"), max_chars),
-                history=[dict(m) for m in prompt[:-1]],
+                history=_history(row_index, "prompt", prompt[:-1], max_chars),
             )
         return Pair(
             instruction=_text(row_index, "prompt", prompt, max_chars),
@@ -118,7 +138,7 @@ def row_to_pair(row: dict[str, Any], fmt: str, row_index: int, max_chars: int) -
         instruction=_text(row_index, "messages[-2].content", messages[-2].get("content"), max_chars),
         input="",
         output=_text(row_index, "messages[-1].content", messages[-1].get("content"), max_chars),
-        history=[dict(m) for m in messages[:-2]],
+        history=_history(row_index, "messages", messages[:-2], max_chars),
     )
 
 

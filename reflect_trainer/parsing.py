@@ -4,7 +4,9 @@ Parsing is applied when a cached raw text is *read*, never stored, so a parser f
 
 Trust boundary: only the text the oracle generated is searched for markers. The pre-filled opener is ours, and the
 original data reach the oracle only through :func:`neutralize_markers`, so marker-like text in a data set can
-neither open nor close a section, even if the oracle echoes it.
+neither open nor close a section, even if the oracle echoes it. Neutralisation is reversible: the parsed field values
+go through :func:`restore_markers`, so a user's ``v[end]`` comes back as ``v[end]``. The reversal runs after the
+sections are split, so it cannot forge one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .gates import GATE_REASONS, TRUNCATED, AcceptanceGates, is_truncated, judge_rewrite
 from .oracles import FINISH_UNKNOWN
@@ -36,7 +39,7 @@ def _marker_pattern(name: str) -> str:
     words = r"\s+".join(re.escape(w) for w in name.split())
     # [Name], [ Name ]:, **[Name]**, ## [Name], **Name**:, **Name:** — what small models actually write.
     bracketed = rf"\[\s*{words}\s*\]"
-    bold = rf"\*\*\s*{words}\s*:?\s*\*\*"
+    bold = rf"\*\*\s*{words}\s*(?::\s*)?\*\*"  # not \s*:?\s*: two adjacent \s* are quadratic on long blanks
     return rf"(?:{bracketed}|{bold})(?:\*\*)?[ \t]*:?"
 
 
@@ -45,18 +48,42 @@ def marker_regex(names: list[str]) -> re.Pattern:
     return re.compile("|".join(f"(?P<m{i}>{_marker_pattern(n)})" for i, n in enumerate(names)), re.IGNORECASE | re.M)
 
 
-_NEUTRALIZE_RE = re.compile(
-    r"(\[|\*\*)(\s*(?:new\s+instruction|new\s+answer|better\s+answer|end)\s*:?\s*)(\]|\*\*)", re.I
-)
+#: Inserted after the opener (``[`` or ``**``) of marker-like text in data: ``[End]`` becomes ``[‹End]``, which no
+#: marker pattern matches. Visible on purpose: a model copies it instead of "repairing" it into a real marker.
+NEUTRAL = "\u2039"
+#: The markers of the built-in templates (and ``End``); a recycler adds its custom templates' section names.
+BUILTIN_MARKER_NAMES = ("New Instruction", "Better Answer", "New Answer", "End")
 
 
-def neutralize_markers(text: str) -> str:
-    """Make marker-like text in *data* inert before it is put into a prompt: ``[End]`` becomes ``‹End›``."""
-    return _NEUTRALIZE_RE.sub(lambda m: f"‹{m.group(2).strip()}›", text)
+@lru_cache(maxsize=64)
+def _neutralize_regex(names: tuple[str, ...]) -> re.Pattern:
+    words = "|".join(r"\s+".join(map(re.escape, n.split())) for n in sorted(set(names), key=len, reverse=True))
+    # Two cases, one pass, linear time (no nested repetition; each opener looks ahead over one run of blanks):
+    # * a run of NEUTRAL right after ``[`` or ``*`` already in the data gets one more, so the escape is reversible;
+    # * an opener followed by a marker name gets one NEUTRAL after it.
+    return re.compile(rf"(?<=[\[*]){NEUTRAL}+|(?:\[|\*\*)(?=\s*(?:{words})(?!\w))", re.IGNORECASE)
 
 
-def has_marker_like_text(text: str) -> bool:
-    return bool(_NEUTRALIZE_RE.search(text))
+_RESTORE_RE = re.compile(rf"(?<=[\[*]){NEUTRAL}")
+
+
+def neutralize_markers(text: str, names: tuple[str, ...] | list[str] = BUILTIN_MARKER_NAMES) -> str:
+    """Make marker-like text in *data* inert before it is put into a prompt: ``[End]`` becomes ``[‹End]``.
+
+    ``names``: every section name of the templates in use (``End`` is always added). Undone by
+    :func:`restore_markers`: ``restore_markers(neutralize_markers(s, names)) == s`` for every string ``s``.
+    """
+    return _neutralize_regex(tuple(names) + ("End",)).sub(lambda m: m.group(0) + NEUTRAL, text)
+
+
+def restore_markers(text: str) -> str:
+    """Undo :func:`neutralize_markers` (needs no names: one NEUTRAL goes from every run after ``[`` or ``*``). Apply
+    it to parsed field values only, never to text that is still to be split into sections."""
+    return _RESTORE_RE.sub("", text)
+
+
+def has_marker_like_text(text: str, names: tuple[str, ...] | list[str] = BUILTIN_MARKER_NAMES) -> bool:
+    return _neutralize_regex(tuple(names) + ("End",)).search(text) is not None
 
 
 @dataclass
@@ -217,7 +244,8 @@ def parse_step_output(
         if marker not in raw:
             return ParseResult(reason=NO_SECTION)
         generated_part, closed = raw[marker]
-        value = _clean((prefill_body if marker == prefill_section else "") + generated_part)
+        # The pre-fill and the oracle's echoes carry neutralised data: restore the user's text, after the split.
+        value = restore_markers(_clean((prefill_body if marker == prefill_section else "") + generated_part))
         reason = None
         if gates is not None and gates.reject_truncated and is_truncated(finish_reason, closed, generated_part):
             reason = TRUNCATED  # first: a text cut by the budget is cut, whatever else it resembles

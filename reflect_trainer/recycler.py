@@ -46,6 +46,7 @@ from .templates import (
     RESPONSE_REFLECTION,
     TEMPLATE_SETS,
     ReflectionStep,
+    all_marker_names,
     ReflectionTemplate,
     render,
     render_fields,
@@ -200,13 +201,10 @@ class Recycler:
                                                              self.config.oracle_quantization, self.config.oracle_device)
         if self.config.oracle_quantization == "auto" and oracle is None:
             logger.info("oracle quantization: %s (%s)", self.oracle_quantization, why)
-        if oracle is not None:
-            self.oracle_identity = oracle.identity
-        else:
-            self.oracle_identity = oracle_identity(
-                self.config.oracle_engine, self._oracle_path, **self._oracle_kwargs()
-            )
+        self._oracle_identity: str | None = None  # computed on first use: an HTTP oracle's asks its server
         self.templates = templates or resolve_templates(self.config, default_oracle=uses_default)
+        # Every marker of the templates in use: data that looks like any of them is neutralised in prompts.
+        self.marker_names = tuple(all_marker_names(list(self.templates.values())))
         self.phases = {
             "instruction": (INSTRUCTION_REFLECTION,),
             "response": (RESPONSE_REFLECTION,),
@@ -237,6 +235,15 @@ class Recycler:
                       gpu_memory_utilization=c.oracle_gpu_memory_utilization, sleep_level=c.oracle_sleep_level,
                       context_length=c.oracle_context_length, threads=c.oracle_threads)
         return {k: v for k, v in kwargs.items() if v is not None}
+
+    @property
+    def oracle_identity(self) -> str:
+        """The oracle's cache identity (weights, or what an HTTP server reports); computed once, without loading."""
+        if self._oracle_identity is None:
+            self._oracle_identity = self._oracle.identity if self._oracle is not None else oracle_identity(
+                self.config.oracle_engine, self._oracle_path, **self._oracle_kwargs()
+            )
+        return self._oracle_identity
 
     @property
     def oracle_loaded(self) -> bool:
@@ -321,7 +328,7 @@ class Recycler:
     def _run_phases(self, pairs: list[Pair]) -> list[dict[str, Any]]:
         self._stats.rows_seen += len(pairs)
         self._stats.marker_like_rows += sum(
-            has_marker_like_text(p.instruction + p.input + p.output) for p in pairs
+            has_marker_like_text(p.instruction + p.input + p.output, self.marker_names) for p in pairs
         )
         self._open_progress()
         outcomes: list[dict[str, Any]] = [{} for _ in pairs]
@@ -484,7 +491,9 @@ class Recycler:
         return records
 
     def _step_prompt(self, template: ReflectionTemplate, step: ReflectionStep, pair_fields: dict[str, str]):
-        safe = render_fields(*(neutralize_markers(pair_fields[k]) for k in ("instruction", "input", "output")))
+        safe = render_fields(
+            *(neutralize_markers(pair_fields[k], self.marker_names) for k in ("instruction", "input", "output"))
+        )
         conversation = []
         if step.system:
             conversation.append({"role": "system", "content": render(step.system, safe)})
@@ -589,7 +598,9 @@ class Recycler:
                 columns.setdefault(k, []).extend(v)
         self.close_progress()
         self.log_summary()
-        return Dataset.from_dict(columns) if columns else Dataset.from_dict({})
+        if not columns:  # no usable row: an empty data set with the columns it would have had
+            columns = {name: [] for name in dict.fromkeys([*dataset.column_names, *self.columns])}
+        return Dataset.from_dict(columns)
 
     def close_progress(self) -> None:
         if self._progress is not None:

@@ -161,7 +161,7 @@ def student_identity(model) -> str:
     """Name, weights and numeric format of a student, for cache keys (a local folder is fingerprinted)."""
     from pathlib import Path
 
-    from .oracles.transformers_engine import weights_fingerprint
+    from .fingerprint import weights_fingerprint
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = getattr(base.config, "_name_or_path", "") or type(base).__name__

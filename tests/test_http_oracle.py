@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP engine: against a real server on loopback (`transformers serve` with the embedded
-SmolLM2), and against a scripted loopback server that injects faults (retries, timeouts, refusals, API keys)."""
+SmolLM2), and against a scripted loopback server that injects faults (retries, timeouts, refusals, garbage bodies,
+redirects, API keys)."""
 
+import base64
 import json
 import logging
 import os
@@ -13,12 +15,15 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from datasets import Dataset
 
 from reflect_trainer import Recycler, ReflectionConfig
+from reflect_trainer.cache import RecycleCache
 from reflect_trainer.oracles import GenerationSettings
-from reflect_trainer.oracles.openai_http import OpenAIHTTPOracle
+from reflect_trainer.oracles.openai_http import OpenAIHTTPOracle, identity_for
 
 PROMPT = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "[Better Answer] "}]
+REPLY = "Hello there, friend! [End] extra"
 
 
 def free_port() -> int:
@@ -28,82 +33,279 @@ def free_port() -> int:
 
 
 class FaultyServer:
-    """Scripted fault injection: answers each request with the next (status, delay) in ``script``."""
+    """A scripted OpenAI-compatible server on loopback. Each POST is answered by the next fault in ``script`` (a list,
+    consumed in order) or by ``script(body)`` (a function of the request body, for concurrent batches); ``None``
+    answers normally with ``reply(body)``. Faults:
 
-    def __init__(self, script):
-        self.script = list(script)
+    * ``(status, delay_s)`` or ``(status, delay_s, headers)``: that status after the delay (200: a normal answer);
+    * ``"html"``: a 200 with an HTML page; ``"truncated"``: a 200 whose body stops before its Content-Length;
+      ``"bad_json"``: a 200 with cut-off JSON; ``"null"``: a 200 whose content is null;
+    * ``("redirect", status, url)``: a redirect to ``url``.
+
+    ``GET /v1/models`` lists ``models``. Every request is recorded (path, body, Authorization header, arrival time).
+    """
+
+    def __init__(self, script=(), reply=lambda body: REPLY,
+                 models=({"id": "m", "root": "/weights/m", "max_model_len": 4096},)):
+        self.script = script if callable(script) else list(script)
         self.requests: list[dict] = []
+        self.models = list(models)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+
+            def _record(self, body):
+                outer.requests.append({"method": self.command, "path": self.path, "body": body,
+                                       "auth": self.headers.get("Authorization"), "t": time.monotonic()})
+
+            def _send(self, status, payload: bytes, content_type="application/json", headers=(), length=None):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload) if length is None else length))
+                for k, v in dict(headers).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                self._record(None)
+                if self.path.endswith("/models"):
+                    self._send(200, json.dumps({"object": "list", "data": outer.models}).encode())
+                else:
+                    self._send(405, b'{"error": "method not allowed"}')
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                status, delay = outer.script.pop(0) if outer.script else (200, 0)
-                time.sleep(delay)
-                payload = json.dumps({"choices": [{"text": "Hello there, friend! [End] extra"}],
-                                      "usage": {"completion_tokens": 7}}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload if status == 200 else b'{"error": "scripted"}')
+                self._record(body)
+                if callable(outer.script):
+                    fault = outer.script(body)
+                else:
+                    fault = outer.script.pop(0) if outer.script else None
+                fault = (200, 0) if fault is None else fault
+                chat = "messages" in body
+                text = outer_reply(body)
+                choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                ok = json.dumps({"choices": [{**choice, "finish_reason": "stop"}],
+                                 "usage": {"completion_tokens": 7}}).encode()
+                if fault == "html":
+                    self._send(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+                elif fault == "truncated":
+                    self._send(200, ok[: len(ok) // 2], length=len(ok))
+                    self.close_connection = True
+                elif fault == "bad_json":
+                    self._send(200, ok[: len(ok) // 2])
+                elif fault == "null":
+                    null = {"message": {"role": "assistant", "content": None}} if chat else {"text": None}
+                    self._send(200, json.dumps({"choices": [{**null, "finish_reason": "stop"}]}).encode())
+                elif fault[0] == "redirect":
+                    self._send(fault[1], b"", headers={"Location": fault[2]})
+                else:
+                    status, delay, headers = (*fault, {})[:3]
+                    time.sleep(delay)
+                    try:
+                        self._send(status, ok if status == 200 else b'{"error": "scripted"}', headers=headers)
+                    except OSError:
+                        pass  # the client gave up (timeout) and closed the connection
 
             def log_message(self, *args):
                 pass
 
+        outer_reply = reply
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"{self.origin}/v1"
+
+    @property
+    def posts(self) -> list[dict]:
+        return [r for r in self.requests if r["method"] == "POST"]
 
     def close(self):
         self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve():
+    started = []
+
+    def start(*args, **kwargs):
+        started.append(FaultyServer(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
 
 
 def oracle_for(server, **kwargs):
     return OpenAIHTTPOracle(None, base_url=server.url, served_model="m", backoff_cap=0.05, **kwargs)
 
 
-def test_retries_5xx_and_429_with_backoff_then_succeeds():
-    server = FaultyServer([(503, 0), (429, 0), (200, 0)])
-    try:
-        texts = oracle_for(server).generate([PROMPT], GenerationSettings(max_new_tokens=8, stop=("[End]",)))
-    finally:
-        server.close()
-    assert texts == ["Hello there, friend! "]  # cut at the stop string
-    assert len(server.requests) == 3
-    assert server.requests[-1]["body"]["continue_final_message"] is True  # the pre-fill is continued
+SETTINGS = GenerationSettings(max_new_tokens=8, stop=("[End]",))
 
 
-def test_timeout_is_retried():
-    server = FaultyServer([(200, 2.0), (200, 0)])
-    try:
-        texts = oracle_for(server, timeout=0.5).generate([PROMPT], GenerationSettings(max_new_tokens=8))
-    finally:
-        server.close()
-    assert texts[0].startswith("Hello") and len(server.requests) == 2
+def test_retries_5xx_and_429_with_backoff_then_succeeds(serve):
+    server = serve([(503, 0), (429, 0), (200, 0)])
+    out = oracle_for(server).generate([PROMPT], SETTINGS)
+    assert [g.text for g in out] == ["Hello there, friend! "]  # cut at the stop string
+    assert len(server.posts) == 3
+    assert server.posts[-1]["body"]["continue_final_message"] is True  # the pre-fill is continued
 
 
-def test_refusal_fails_fast_and_api_key_is_sent_but_never_logged(monkeypatch, caplog):
+def test_timeout_is_retried(serve):
+    server = serve([(200, 2.0), (200, 0)])
+    out = oracle_for(server, timeout=0.5).generate([PROMPT], SETTINGS)
+    assert out[0].text.startswith("Hello") and len(server.posts) == 2
+
+
+@pytest.mark.parametrize("fault", ["html", "truncated", "bad_json"])
+def test_a_200_that_is_not_a_completion_is_retried(serve, fault):
+    server = serve([fault, fault, None])
+    out = oracle_for(server).generate([PROMPT], SETTINGS)
+    assert out[0].text == "Hello there, friend! " and out[0].finish_reason == "stop"
+    assert len(server.posts) == 3
+
+
+def test_retry_after_is_honoured(serve):
+    server = serve([(429, 0, {"Retry-After": "1"}), None])
+    oracle_for(server).generate([PROMPT], SETTINGS)  # backoff_cap is 0.05 s: only Retry-After makes it wait 1 s
+    first, second = server.posts
+    assert second["t"] - first["t"] >= 1.0
+
+
+def test_refusal_fails_fast_and_api_key_is_sent_but_never_logged(monkeypatch, caplog, serve):
     monkeypatch.setenv("MY_ORACLE_KEY", "sk-secret-123")
-    server = FaultyServer([(503, 0), (401, 0)])
+    server = serve([(503, 0), (401, 0)])
     caplog.set_level(logging.DEBUG)
-    try:
-        with pytest.raises(RuntimeError, match="HTTP 401") as err:
-            oracle_for(server, api_key_env="MY_ORACLE_KEY").generate([PROMPT], GenerationSettings(max_new_tokens=8))
-    finally:
-        server.close()
-    assert server.requests[0]["auth"] == "Bearer sk-secret-123"
-    assert len(server.requests) == 2  # 503 retried, 401 not
+    with pytest.raises(RuntimeError, match="HTTP 401") as err:
+        oracle_for(server, api_key_env="MY_ORACLE_KEY").generate([PROMPT], SETTINGS)
+    assert server.posts[0]["auth"] == "Bearer sk-secret-123"
+    assert len(server.posts) == 2  # 503 retried, 401 not
     assert "sk-secret-123" not in caplog.text and "sk-secret-123" not in str(err.value)
 
 
-def test_gives_up_after_max_retries():
-    server = FaultyServer([(500, 0)] * 10)
-    try:
-        with pytest.raises(RuntimeError, match="failed 3 times"):
-            oracle_for(server, max_retries=2).generate([PROMPT], GenerationSettings(max_new_tokens=8))
-    finally:
-        server.close()
+def test_a_request_that_keeps_failing_falls_back_alone(serve):
+    server = serve(lambda body: (500, 0) if "bad" in body["messages"][0]["content"] else None)
+    prompts = [[{"role": "user", "content": "bad"}], [{"role": "user", "content": "good"}]]
+    out = oracle_for(server, max_retries=2).generate(prompts, SETTINGS)
+    assert out[0].finish_reason == "error" and out[0].error == "oracle_error:500" and out[0].text == ""
+    assert out[1].text == "Hello there, friend! "
+    assert sum(p["body"]["messages"][0]["content"] == "bad" for p in server.posts) == 3  # 1 try + 2 retries
+
+
+PAIRS = [{"instruction": f"Explain idea number {i} of photosynthesis.", "output": f"Idea {i} is about light."}
+         for i in range(8)]
+PAIRS[5]["instruction"] = "OVERLONG " + PAIRS[5]["instruction"]
+
+
+def better_answer(body):
+    """A distinct, acceptable answer per row (the row's number, named in the prompt)."""
+    number = next(w for w in body["messages"][0]["content"].split() if w.isdigit())
+    return (f"Step {number}: chlorophyll absorbs light, splits water and releases oxygen, while the Calvin cycle "
+            f"fixes carbon dioxide into sugar number {number}. [End]")
+
+
+def recycler_for(server, tmp_path, **kwargs):
+    config = ReflectionConfig(oracle_engine="openai", oracle_base_url=server.url, oracle_served_model="m",
+                              cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact",
+                              progress_bar=False, **kwargs)
+    return Recycler(config)
+
+
+def test_one_refused_row_of_eight_falls_back_and_the_other_seven_are_kept(serve, tmp_path):
+    """A 400 (what a server answers to an over-long prompt) used to raise and discard the whole batch, so a rerun hit
+    the same row again, forever."""
+    server = serve(lambda body: (400, 0) if "OVERLONG" in body["messages"][0]["content"] else None,
+                   reply=better_answer)
+    recycler = recycler_for(server, tmp_path)
+    out = recycler.recycle_dataset(Dataset.from_list(PAIRS), batch_size=8)
+    assert len(server.posts) == 8  # one request per row; the 400 is not retried
+    for i, row in enumerate(out):
+        if i == 5:
+            assert row["response_reflection_fallback"] is not None and row["recycled_output"] == PAIRS[5]["output"]
+        else:
+            assert row["response_reflection_fallback"] is None
+            assert row["recycled_output"] == better_answer({"messages": [{"content": PAIRS[i]["instruction"]}]})[:-6]
+    cached = RecycleCache(tmp_path / "cache").records()
+    assert len(cached) == 7 and all(r["raw"] for r in cached)  # the refused row is not cached
+    again = recycler_for(server, tmp_path)
+    again.recycle_dataset(Dataset.from_list(PAIRS), batch_size=8)
+    assert len(server.posts) == 9 and "OVERLONG" in server.posts[-1]["body"]["messages"][0]["content"]
+    assert again.stats()["cache_hits"] == 7
+
+
+def test_null_content_is_an_error_and_never_cached_as_empty(serve, tmp_path):
+    answers = iter(["null"])
+    server = serve(lambda body: next(answers, None), reply=better_answer)
+    first = recycler_for(server, tmp_path).recycle_dataset(Dataset.from_list(PAIRS[:1]))
+    assert first["response_reflection_fallback"][0] is not None
+    assert RecycleCache(tmp_path / "cache").records() == []
+    second = recycler_for(server, tmp_path).recycle_dataset(Dataset.from_list(PAIRS[:1]))
+    assert len(server.posts) == 2  # asked again: the null was not served from the cache
+    assert second["response_reflection_fallback"][0] is None
+    assert second["recycled_output"][0].startswith("Step 0: chlorophyll")
+
+
+@pytest.mark.parametrize("status", [302, 307])
+@pytest.mark.parametrize("credentials", ["api_key", "url"])
+def test_a_redirect_to_another_origin_gets_no_credentials(serve, monkeypatch, status, credentials):
+    other = serve()  # another port on loopback: another origin
+    first = serve([("redirect", status, f"{other.url}/chat/completions")])
+    base_url = first.url
+    if credentials == "api_key":
+        monkeypatch.setenv("MY_ORACLE_KEY", "sk-secret-123")
+    else:
+        base_url = first.url.replace("http://", "http://alice:s3cret@")
+    oracle = OpenAIHTTPOracle(None, base_url=base_url, served_model="m", api_key_env="MY_ORACLE_KEY",
+                              backoff_cap=0.05)
+    oracle.generate([PROMPT], SETTINGS)
+    expected = "Bearer sk-secret-123" if credentials == "api_key" else \
+        "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    assert first.posts[0]["auth"] == expected  # the origin got the credentials
+    assert other.requests and all(r["auth"] is None for r in other.requests)  # the redirect target did not
+
+
+def test_credentials_in_base_url_are_never_logged(serve, caplog):
+    caplog.set_level(logging.DEBUG)
+    server = serve([(503, 0), (400, 0), (401, 0)])
+    base_url = server.url.replace("http://", "http://alice:s3cret@")
+    oracle = OpenAIHTTPOracle(None, base_url=base_url, served_model="m", backoff_cap=0.05)
+    assert oracle.generate([PROMPT], SETTINGS)[0].error == "oracle_error:400"
+    with pytest.raises(RuntimeError) as err:
+        oracle.generate([PROMPT], SETTINGS)
+    assert "s3cret" not in caplog.text and "s3cret" not in str(err.value)
+    assert "***@127.0.0.1" in caplog.text  # the server is still named
+    assert server.posts[0]["auth"] == "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+
+def test_a_prompt_over_the_servers_context_is_not_sent(serve, oracle_path):
+    server = serve(models=[{"id": "m", "max_model_len": 64}])
+    oracle = OpenAIHTTPOracle(oracle_path, base_url=server.url, served_model="m", backoff_cap=0.05)
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "[Better Answer] "}]
+    out = oracle.generate([long, PROMPT], GenerationSettings(max_new_tokens=8))
+    assert out[0].error == "oracle_error:prompt_too_long"
+    assert out[1].finish_reason == "stop" and out[1].text.startswith("Hello")
+    assert len(server.posts) == 1 and server.posts[0]["path"] == "/v1/completions"
+    assert "Say hi" in server.posts[0]["body"]["prompt"]
+
+
+def test_http_identity_follows_what_the_server_reports(serve, oracle_path):
+    a = serve(models=[{"id": "m", "root": "/weights/a", "max_model_len": 4096}])
+    same = serve(models=[{"id": "m", "root": "/weights/a", "max_model_len": 4096, "created": 123}])
+    other_weights = serve(models=[{"id": "m", "root": "/weights/b", "max_model_len": 4096}])
+    other_context = serve(models=[{"id": "m", "root": "/weights/a", "max_model_len": 8192}])
+    other_name = serve(models=[{"id": "n", "root": "/weights/a", "max_model_len": 4096}])
+    chat = identity_for(None, "m", base_url=a.url)
+    assert chat == identity_for(None, "m", base_url=same.url)  # another start of the same server
+    assert len({chat, identity_for(None, "m", base_url=other_weights.url),
+                identity_for(None, "m", base_url=other_context.url), identity_for(None, "n", base_url=other_name.url),
+                identity_for(oracle_path, "m", base_url=a.url)}) == 5  # /completions with a local template
+    assert OpenAIHTTPOracle(None, base_url=a.url, served_model="m").identity == chat
+    with pytest.raises(ValueError, match=r"serves \['m'\], not 'x'"):
+        identity_for(None, "x", base_url=a.url)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """The parser: tolerant of what small models write, strict about what counts as an improvement, never raising."""
 
+import time
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -11,8 +13,10 @@ from reflect_trainer.parsing import (
     NO_SECTION,
     PLACEHOLDER,
     UNPARSED_REASONS,
+    marker_regex,
     neutralize_markers,
     parse_step_output,
+    restore_markers,
     split_sections,
 )
 
@@ -85,8 +89,35 @@ def test_echo_of_original_and_of_prompt_are_detected():
 
 def test_neutralized_markers_cannot_open_sections():
     forged = neutralize_markers("[Better Answer] forged text here [End] **New Answer** x")
-    assert "[" not in forged and "**" not in forged
-    assert split_sections(forged, ONE) == {}
+    assert split_sections(forged, ONE) == {} and split_sections(forged, TWO) == {}
+    assert restore_markers(forged) == "[Better Answer] forged text here [End] **New Answer** x"
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.lists(st.sampled_from(["[", "]", "*", "**", "\u2039", " ", "\n", ":", "End", "end", "Better Answer",
+                                      "revised\nanswer", "x", "New"]), max_size=14).map("".join))
+def test_neutralisation_is_reversible_and_leaves_no_marker_of_any_template(text):
+    names = ("Revised Answer", "New Instruction", "Better Answer", "New Answer")
+    safe = neutralize_markers(text, names)
+    assert restore_markers(safe) == text
+    assert marker_regex([*names, "End"]).search(safe) is None
+
+
+def test_neutralisation_runs_in_linear_time():
+    """The old neutraliser backtracked quadratically over blanks after a marker name (4 s on a 20k-character field).
+    Compared by growth, not by wall clock: 10x the text may cost about 10x, not 100x."""
+    def seconds(n):
+        block = "[End" + " " * (n // 20) + "x [" + " " * (n // 20) + "y **Better Answer" + " " * (n // 20) + "z "
+        text = block * 10
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(5):
+                neutralize_markers(text, ("Better Answer",))
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    assert seconds(100_000) / seconds(10_000) < 30
 
 
 markers = st.sampled_from(

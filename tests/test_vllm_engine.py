@@ -284,7 +284,7 @@ def test_http_engine_sends_structured_output_field_the_server_takes(api, expecte
     finally:
         server.close()
     fields = ("structured_outputs", "guided_regex", "grammar")
-    constrained, unconstrained = (r["body"] for r in server.requests)
+    constrained, unconstrained = (r["body"] for r in server.posts)
     assert {k: constrained[k] for k in fields if k in constrained} == expected
     assert not any(k in unconstrained for k in fields)
 

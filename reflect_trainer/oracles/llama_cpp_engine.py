@@ -21,7 +21,7 @@ import numpy as np
 
 from ..structured import SectionFormat
 from . import Conversation, Generation, GenerationSettings, finished
-from .transformers_engine import weights_fingerprint
+from ..fingerprint import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 

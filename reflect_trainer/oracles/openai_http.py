@@ -2,31 +2,44 @@
 serve``, a hosted API.
 
 * With a local tokenizer folder (``model_path``), prompts are rendered here with its chat template, the pre-fill
-  appended, and sent to ``/completions``: the exact prompt the local engines would see.
+  appended, and sent to ``/completions``: the exact prompt the local engines would see. A prompt that cannot fit the
+  server's context (``max_model_len`` from ``/models``) is not sent.
 * Without one, ``/chat/completions`` gets the messages; a pre-fill is sent as a final assistant message with vLLM's
   ``continue_final_message`` (servers that ignore it write a fresh turn, which the parser then judges).
 
-Requests run concurrently (``concurrency`` threads); connection errors, timeouts, 429 and 5xx are retried with
-capped exponential backoff and jitter. The API key is read from an environment variable and never logged.
+Requests run concurrently (``concurrency`` threads) over one keep-alive ``httpx2`` client. Timeouts, connection
+errors, 408/409/425/429/5xx and 200s whose body is not a completion (HTML, truncated JSON) are retried with capped
+exponential backoff and jitter, honouring ``Retry-After``. A request that still fails, or that the server refuses
+(another 4xx), fails alone: its row gets ``Generation("", "error", "oracle_error:<status or kind>")``, a counted
+fallback that is not cached, and the other rows of the batch are kept. Only 401/403/404 (wrong key, model or URL)
+stop the run, as every request would fail the same way.
+
+Credentials: the API key is read from an environment variable; ``user:password@`` in ``base_url`` is taken out of
+the URL and sent as basic auth. Neither is ever logged, and httpx drops the ``Authorization`` header when a redirect
+leads to another origin.
 """
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import json
 import logging
 import os
 import random
-import socket
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from . import Conversation, Generation, GenerationSettings, finished
+import httpx2 as httpx
+
+from . import FINISH_ERROR, Conversation, Generation, GenerationSettings, finished
 
 logger = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+FATAL_STATUS = {401, 403, 404}  # a wrong key, model name or URL: no request of the run can succeed
 #: How a server takes the structured-output constraint (``settings.section_format``), as extra body fields. vLLM
 #: >= 0.10.2: ``structured_outputs`` (its docs, "Structured Outputs"); vLLM before 0.12 also ``guided_regex``, removed
 #: in 0.12; llama.cpp's server: a GBNF ``grammar``. Servers ignore fields they do not know (vLLM answers 200 and does
@@ -37,29 +50,111 @@ STRUCTURED_OUTPUT_APIS = {
     "llama.cpp": lambda fmt: {"grammar": fmt.gbnf()},
     "none": lambda fmt: {},
 }
+#: What of a ``/models`` entry identifies the model behind a name: vLLM's ``root`` (the weights it loaded) and
+#: ``max_model_len``, llama.cpp's ``meta`` (parameters, size, trained context), the server kind (``owned_by``).
+_MODEL_FIELDS = ("id", "root", "parent", "max_model_len", "owned_by", "meta")
+#: Rendered with the local chat template: its hash is part of the identity (another template, other prompts).
+_PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
+          {"role": "user", "content": "V"}]
+
+
+def redact(url: str) -> str:
+    """``url`` without the ``user:password@`` part, for logs and error messages."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])) if "@" in parts.netloc else url
+
+
+def _client(base_url: str, api_key_env: str, timeout: float, concurrency: int = 1) -> httpx.Client:
+    parts = urlsplit(base_url.rstrip("/"))
+    auth = None
+    if "@" in parts.netloc:  # out of the URL (which httpx would log) into a basic-auth header
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        auth, parts = httpx.BasicAuth(unquote(user), unquote(password)), parts._replace(netloc=host)
+    key = os.environ.get(api_key_env or "")
+    return httpx.Client(
+        base_url=urlunsplit(parts) + "/", auth=auth, headers={"Authorization": f"Bearer {key}"} if key else None,
+        timeout=timeout, follow_redirects=True,
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    )
+
+
+def describe_server(client: httpx.Client, served_model: str | None) -> dict:
+    """The ``/models`` entry of the served model (only the fields in :data:`_MODEL_FIELDS`)."""
+    where = redact(str(client.base_url))
+    try:
+        response = client.get("models")
+    except httpx.TransportError as err:
+        raise RuntimeError(f"cannot reach the oracle server at {where} to identify its model "
+                           f"({type(err).__name__}); start it, or check oracle_base_url") from None
+    if response.status_code in (401, 403):
+        raise RuntimeError(f"the oracle server at {where} refused the API key: HTTP {response.status_code}")
+    try:
+        models = response.json()["data"] if response.status_code == 200 else None
+    except (ValueError, KeyError, TypeError):
+        models = None
+    if not isinstance(models, list):
+        if not served_model:
+            raise ValueError("the HTTP oracle needs oracle_served_model (the model name the server knows)")
+        logger.warning("oracle server at %s lists no models (HTTP %d): its identity is the name %r alone",
+                       where, response.status_code, served_model)
+        return {"id": served_model}
+    entries = {m.get("id"): m for m in models if isinstance(m, dict)}
+    if served_model is None and len(entries) == 1:
+        served_model = next(iter(entries))
+    if served_model not in entries:
+        raise ValueError(f"the oracle server at {where} serves {sorted(map(str, entries))}, not {served_model!r}; "
+                         "set oracle_served_model to one of them")
+    return {k: entries[served_model][k] for k in _MODEL_FIELDS if entries[served_model].get(k) is not None}
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_path: str | None):
+    if not model_path or not (Path(model_path) / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _identity(model: dict, tokenizer, structured_output_api: str) -> str:
+    template = None
+    if tokenizer is not None:
+        template = hashlib.sha256(
+            tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True).encode()
+        ).hexdigest()
+    what = {"model": model, "endpoint": "completions" if tokenizer is not None else "chat/completions",
+            "chat_template": template}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"openai-http:{model['id']}:{digest}" + (
+        f":{structured_output_api}" if structured_output_api != "vllm" else "")
 
 
 def identity_for(model_path: str | None, served_model: str | None = None, structured_output_api: str = "vllm",
-                 **_: object) -> str:
-    """The served model's name identifies the oracle (the weights are behind the server). A structured-output field
-    other than the default is part of it: a constraint the server did not apply must not be served from the cache
-    as one it did."""
-    name = served_model or (Path(model_path).name if model_path else None)
-    if not name:
-        raise ValueError("the HTTP oracle needs oracle_served_model (the model name the server knows)")
-    return f"openai-http:{name}" + (f":{structured_output_api}" if structured_output_api != "vllm" else "")
+                 base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 30.0, **_: object) -> str:
+    """What the server says it serves (``/models``: name, weights, context), the endpoint (``/completions`` with a
+    local tokenizer, else ``/chat/completions``) and a hash of the local chat template's rendering. A structured-output
+    field other than the default is part of it: a constraint the server did not apply must not be served from the
+    cache as one it did."""
+    served_model = served_model or (Path(model_path).name if model_path else None)
+    with _client(base_url, api_key_env, min(timeout, 30.0)) as client:
+        model = describe_server(client, served_model)
+    return _identity(model, _tokenizer(model_path), structured_output_api)
 
 
 class OpenAIHTTPOracle:
     """Args:
         model_path: Optional local folder with the oracle's tokenizer (enables exact pre-fills via /completions).
         base_url: Server root including ``/v1``, e.g. ``http://127.0.0.1:8000/v1``.
-        served_model: Model name sent in requests; defaults to the folder name of ``model_path``.
+        served_model: Model name sent in requests; defaults to the folder name of ``model_path``, else to the one
+            model the server lists.
         api_key_env: Name of the environment variable holding the API key (optional for local servers).
         concurrency: Requests in flight at once.
         timeout: Seconds per request.
         max_retries: Retries per request after the first try.
-        backoff_cap: Longest sleep between retries, in seconds.
+        backoff_cap: Longest sleep between retries, in seconds, unless the server asks for more with ``Retry-After``.
+        retry_after_cap: Longest ``Retry-After`` honoured, in seconds.
         structured_output_api: How the server takes a structured-output constraint: ``"vllm"`` (vLLM >= 0.10.2),
             ``"vllm_guided"`` (vLLM < 0.12), ``"llama.cpp"`` (GBNF grammar) or ``"none"`` (never sent).
     """
@@ -67,30 +162,36 @@ class OpenAIHTTPOracle:
     def __init__(self, model_path: str | None = None, base_url: str = "http://127.0.0.1:8000/v1",
                  served_model: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout: float = 300.0, max_retries: int = 6, backoff_cap: float = 30.0,
-                 structured_output_api: str = "vllm", **_: object):
+                 retry_after_cap: float = 120.0, structured_output_api: str = "vllm", **_: object):
         if structured_output_api not in STRUCTURED_OUTPUT_APIS:
             raise ValueError(f"structured_output_api must be one of {sorted(STRUCTURED_OUTPUT_APIS)}, "
                              f"got {structured_output_api!r}")
         self._constraint = STRUCTURED_OUTPUT_APIS[structured_output_api]
-        self.base_url = base_url.rstrip("/")
-        self.identity = identity_for(model_path, served_model, structured_output_api)
-        self.served_model = served_model or Path(model_path).name
+        self.where = redact(base_url)
         self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.backoff_cap = backoff_cap
+        self.max_retries, self.backoff_cap, self.retry_after_cap = max_retries, backoff_cap, retry_after_cap
         self.tokens_generated = 0
-        self.tokenizer = None
-        if model_path and (Path(model_path) / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
+        self._http = _client(base_url, api_key_env, timeout, concurrency)
+        self.tokenizer = _tokenizer(model_path)
+        model = describe_server(self._http, served_model or (Path(model_path).name if model_path else None))
+        self.served_model = model["id"]
+        self.context_length = model.get("max_model_len")  # None: the server does not say; it judges itself
+        self.identity = _identity(model, self.tokenizer, structured_output_api)
 
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.timeout = timeout
-        self._headers = {"Content-Type": "application/json"}
-        key = os.environ.get(api_key_env)
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"  # kept out of every log and error message
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
+        # Prompts are rendered (and measured) here, in one thread: tokenizers are not safe to share across threads.
+        requests = [self._body(c, settings) for c in conversations]
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            done = list(pool.map(lambda r: (r, 0) if isinstance(r, Generation) else self._complete(*r, settings),
+                                 requests))
+        self.tokens_generated += sum(n for _, n in done)
+        results = [g for g, _ in done]
+        if len(results) > 1 and all(g.error == "oracle_error:connect" for g in results):
+            raise RuntimeError(f"the oracle server at {self.where} is unreachable: every request of the batch failed "
+                               f"{self.max_retries + 1} times to connect")
+        return results
 
-    def _request(self, conversation: Conversation, settings: GenerationSettings) -> tuple[Generation, int]:
+    def _body(self, conversation: Conversation, settings: GenerationSettings) -> tuple[str, dict] | Generation:
         body: dict = {"model": self.served_model, "max_tokens": settings.max_new_tokens,
                       "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed}
         if settings.stop:
@@ -98,53 +199,97 @@ class OpenAIHTTPOracle:
         if settings.section_format is not None:
             body.update(self._constraint(settings.section_format))
         prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
-        if self.tokenizer is not None:
-            head = conversation[:-1] if prefill else conversation
-            body["prompt"] = (
-                self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True) + prefill
-            )
-            url = f"{self.base_url}/completions"
-        else:
+        if self.tokenizer is None:
             body["messages"] = conversation
             if prefill:
                 body.update(continue_final_message=True, add_generation_prompt=False)
-            url = f"{self.base_url}/chat/completions"
-        data = self._post_with_retries(url, body)
-        choice = data["choices"][0]
-        text = choice.get("text") if "text" in choice else (choice.get("message") or {}).get("content", "")
-        # The server's finish_reason: "stop" (eos or a stop string) or "length" (max_tokens ran out).
-        generation = finished(text or "", settings.stop, choice.get("finish_reason") == "length")
-        return generation, int((data.get("usage") or {}).get("completion_tokens", 0))
+            return "chat/completions", body
+        head = conversation[:-1] if prefill else conversation
+        body["prompt"] = self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True) + prefill
+        if self.context_length:
+            # What vLLM checks: prompt plus max_tokens within max_model_len. Too long is this row's fault only.
+            needed = len(self.tokenizer(body["prompt"], add_special_tokens=False)["input_ids"]) + body["max_tokens"]
+            if needed > self.context_length:
+                return Generation("", FINISH_ERROR, "oracle_error:prompt_too_long")
+        return "completions", body
 
-    def _post_with_retries(self, url: str, body: dict) -> dict:
-        payload = json.dumps(body).encode()
+    def _complete(self, path: str, body: dict, settings: GenerationSettings) -> tuple[Generation, int]:
+        """One request: its :class:`Generation` and the tokens the server says it generated."""
+        data = self._post(path, json.dumps(body).encode())  # ensure_ascii: lone surrogates travel as \ud800 escapes
+        if isinstance(data, str):
+            return Generation("", FINISH_ERROR, f"oracle_error:{data}"), 0
+        choice = data["choices"][0]
+        text = choice.get("text") if "text" in choice else (choice.get("message") or {}).get("content")
+        if not isinstance(text, str):  # content null or missing: nothing to cache, ask again in a later run
+            return Generation("", FINISH_ERROR, "oracle_error:no_content"), 0
+        tokens = (data.get("usage") or {}).get("completion_tokens")
+        # The server's finish_reason: "stop" (eos or a stop string) or "length" (max_tokens ran out).
+        return finished(text, settings.stop, choice.get("finish_reason") == "length"), (
+            tokens if isinstance(tokens, int) else 0)
+
+    def _post(self, path: str, payload: bytes) -> dict | str:
+        """The completion's JSON, or why the request failed for good (``"400"``, ``"timeout"``, ``"bad_body"``...)."""
         for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(url, data=payload, headers=self._headers, method="POST")
+            retry_after = None
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as err:
-                if err.code not in RETRYABLE_STATUS:
-                    detail = err.read()[:500].decode(errors="replace")
-                    raise RuntimeError(
-                        f"oracle server refused the request to {url}: HTTP {err.code} {detail}"
-                    ) from None
-                problem = f"HTTP {err.code}"
-            except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as err:
-                problem = type(err).__name__
+                response = self._http.post(path, content=payload, headers={"Content-Type": "application/json"})
+            except httpx.TimeoutException:
+                problem = "timeout"
+            except httpx.ConnectError:
+                problem = "connect"
+            except httpx.TransportError:  # the connection dropped, or the body ended before its Content-Length
+                problem = "transport"
+            else:
+                status = response.status_code
+                if status in FATAL_STATUS:
+                    raise RuntimeError(f"the oracle server at {self.where} refused the request to /{path}: HTTP "
+                                       f"{status} {response.text[:300]}")
+                if 200 <= status < 300:
+                    data = _completion(response)
+                    if data is not None:
+                        return data
+                    problem = "bad_body"
+                elif status in RETRYABLE_STATUS:
+                    problem, retry_after = str(status), _retry_after(response)
+                else:  # the server says this request is wrong (an over-long prompt: 400): retrying cannot help
+                    logger.warning("oracle server at %s refused a request to /%s: HTTP %d %s; the row falls back",
+                                   self.where, path, status, response.text[:300])
+                    return str(status)
             if attempt == self.max_retries:
                 break
             sleep = min(self.backoff_cap, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
-            logger.warning("oracle request to %s failed (%s); retry %d/%d in %.1f s", url, problem, attempt + 1,
-                           self.max_retries, sleep)
+            if retry_after is not None:
+                sleep = max(sleep, min(retry_after, self.retry_after_cap))
+            logger.warning("oracle request to %s/%s failed (%s); retry %d/%d in %.1f s", self.where, path, problem,
+                           attempt + 1, self.max_retries, sleep)
             time.sleep(sleep)
-        raise RuntimeError(f"oracle request to {url} failed {self.max_retries + 1} times (last: {problem})")
-
-    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(lambda c: self._request(c, settings), conversations))
-        self.tokens_generated += sum(n for _, n in results)
-        return [text for text, _ in results]
+        logger.warning("oracle request to %s/%s failed %d times (last: %s); the row falls back", self.where, path,
+                       self.max_retries + 1, problem)
+        return problem
 
     def close(self) -> None:
-        pass  # no connection is held between calls
+        self._http.close()
+
+
+def _completion(response: httpx.Response) -> dict | None:
+    """The body if it is a completion (a JSON object with a first choice), else None."""
+    try:
+        data = response.json()
+    except ValueError:  # HTML from a proxy, a truncated or empty body
+        return None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    return data if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """``Retry-After`` in seconds (a number of seconds or an HTTP date), if the server sent one."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None

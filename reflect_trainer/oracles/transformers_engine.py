@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..fingerprint import weights_fingerprint
 from . import Conversation, Generation, GenerationSettings, finished, resolve_quantization
 
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4", "int8", "none")
-
-
-def weights_fingerprint(path: Path) -> str:
-    """Identity of a weights folder that survives copies and moves: each file's name, size, and a hash of its
-    first and last MiB (hashing all of a 7B model's 13 GB would cost a minute at every start)."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
-        if f.is_file() and not f.name.startswith("."):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}:".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), 2)
-                    h.update(fh.read())
-    return h.hexdigest()[:16]
 
 
 @contextmanager

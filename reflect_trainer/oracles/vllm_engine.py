@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import Conversation, Generation, GenerationSettings, finished
-from .transformers_engine import weights_fingerprint
+from ..fingerprint import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
