@@ -113,6 +113,7 @@ class ReflectionSFTTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "reflection-tuning"]
     _name = "ReflectionSFT"
+    _evaluating = False
 
     def __init__(self, model, args: SFTConfig | TrainingArguments | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, *,
@@ -305,7 +306,6 @@ class ReflectionSFTTrainer(SFTTrainer):
             self._prefetch([r for r in dict.fromkeys(following) if r not in self._prepared])
         out = []
         for row, feature in zip(rows, features):
-            self._trained.setdefault(row, True)
             prepared = self._prepared[row]
             out.append(prepared if prepared is not None else {k: feature[k] for k in ("input_ids", "labels")})
         if batches and not self._share_left:
@@ -413,6 +413,13 @@ class ReflectionSFTTrainer(SFTTrainer):
             self.recycler.release_oracle()
             self.recycler.close_progress()
 
+    def training_step(self, model, inputs, *args, **kwargs):
+        # The loader collates one batch ahead of the step that takes it (and a run can stop in between): rows count
+        # as trained here, not in the collator.
+        for row in inputs.pop(ROW, ()):
+            self._trained.setdefault(row, True)
+        return super().training_step(model, inputs, *args, **kwargs)
+
     # ---- streamed data ---------------------------------------------------------------------------------------
     def _recycle_stream_rows(self, batch: dict[str, list]) -> dict[str, list]:
         """The transform in front of TRL's lazy preparation: each buffer of the stream, recycled in one call.
@@ -476,7 +483,6 @@ class ReflectionSFTTrainer(SFTTrainer):
         """Streams arrive recycled and prepared; rows dropped by the selection rule train on nothing."""
         out = []
         for row, feature in zip(rows, features):
-            self._trained.setdefault(row, True)
             feature = {k: feature[k] for k in ("input_ids", "labels")}
             exported = self._exported.get(row)
             if exported is not None and exported["trained_version"] == NOTHING:
@@ -488,8 +494,12 @@ class ReflectionSFTTrainer(SFTTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = self._trl_rows(eval_dataset)
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
-                                metric_key_prefix=metric_key_prefix)
+        self._evaluating = True
+        try:
+            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                    metric_key_prefix=metric_key_prefix)
+        finally:
+            self._evaluating = False
 
     # ---- results and logs ----------------------------------------------------------------------------------------
     def recycled_dataset(self, include_dropped: bool = False):
@@ -542,6 +552,8 @@ class ReflectionSFTTrainer(SFTTrainer):
         return {**self.recycler.stats(), **self._counts}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._evaluating:
+            return super().log(logs, start_time)  # evaluation metrics stay SFTTrainer's (evaluate() returns them)
         stats = self.recycling_stats()
         values = torch.tensor([float(stats.get(k, 0.0)) for k in _LOGGED_COUNTERS], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
@@ -569,4 +581,6 @@ class _RecyclingCollator:
         rows = [f[ROW] for f in features]
         t = self.trainer
         features = t._stream_features(rows, features) if t._streaming else t._features_for(rows, features)
-        return self.inner(features)
+        batch = self.inner(features)
+        batch[ROW] = rows  # popped by training_step: a batch counts as trained when a step takes it
+        return batch
