@@ -1,86 +1,72 @@
-"""Generation buffers: the sampler that lets one oracle call cover several micro-batches (TRL's GRPO pattern).
+"""Generation buffers that leave the Trainer's order alone: look ahead in it instead of replacing it.
 
-Each epoch's shuffled order is cut into *global buffers* of ``batch_size * buffer_batches * world_size`` indices.
-Each buffer is yielded ``buffer_batches`` times, every index tagged with the repeat number: ``(index, k)``. The
-DataLoader's batch size is ``batch_size * buffer_batches``, so accelerate's ``BatchSamplerShard`` hands rank ``r`` the
-``r``-th slice of every buffer — a per-rank index shard — ``buffer_batches`` times in a row. The collator recycles
-the slice once (one oracle call for all its pairs) and returns micro-batch ``k`` of it on the ``k``-th repeat.
-
-Because the repeat number travels with the index, resuming mid-buffer (``skip_first_batches``) still returns the
-right micro-batch. The last buffer is filled up with indices from the start of the order (as ``DistributedSampler``
-pads), so every buffer is whole; a few pairs are then seen twice in that epoch, never recycled twice.
+The Trainer's own sampler (random, sequential, ``group_by_length``...), batching (``dataloader_drop_last``) and
+accelerate's per-rank sharding decide which rows each step trains on, exactly as in ``SFTTrainer``: steps per epoch
+and the LR schedule are the same by construction. To still send the oracle one large request per
+``buffer_batches`` micro-batches (TRL's GRPO generation-buffer pattern), the sampler *records* each epoch's order as
+it is drawn (:func:`record_order`), and :func:`rank_batches` replays accelerate's batching and sharding classes on the
+recorded order to list the micro-batches this rank will be given. The collator then recycles a micro-batch together
+with the next ``buffer_batches - 1`` ones. Correctness never depends on the look-ahead: a row not yet recycled when
+its micro-batch comes (an unknown sampler, a resumed run) is recycled on the spot.
 """
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler
 
 
-class RecycleBufferSampler(Sampler):
-    def __init__(self, num_rows: int, batch_size: int, buffer_batches: int, world_size: int = 1,
-                 shuffle: bool = True, seed: int = 0):
-        if num_rows <= 0:
-            raise ValueError("the training data set is empty")
-        self.num_rows = num_rows
-        self.batch_size = batch_size
-        self.buffer_batches = buffer_batches
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
+def record_order(sampler) -> bool:
+    """Make ``sampler`` keep the order of its latest pass in ``sampler.recorded_order``; same order, same RNG use.
 
-    @property
-    def buffer_size(self) -> int:
-        """Indices in one global buffer (all ranks)."""
-        return self.batch_size * self.buffer_batches * self.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def order(self, epoch: int) -> list[int]:
-        """The epoch's index order, padded to whole buffers."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_rows, generator=g).tolist()
-        else:
-            order = list(range(self.num_rows))
-        short = -len(order) % self.buffer_size
-        while short:
-            order += order[:short]
-            short = -len(order) % self.buffer_size
-        return order
-
-    def rank_slices(self, epoch: int, rank: int) -> list[list[int]]:
-        """Rank ``rank``'s slice of every buffer of ``epoch``, in order: what its collator sees."""
-        order, per_rank = self.order(epoch), self.batch_size * self.buffer_batches
-        return [order[start + rank * per_rank : start + (rank + 1) * per_rank]
-                for start in range(0, len(order), self.buffer_size)]
-
-    def rank_share(self, epoch: int, rank: int) -> set[int]:
-        """Indices that rank ``rank`` draws in ``epoch``."""
-        return {i for piece in self.rank_slices(epoch, rank) for i in piece}
+    The instance's class is swapped for a subclass (so ``isinstance`` checks by the Trainer and accelerate still
+    hold, e.g. ``SeedableRandomSampler``'s epoch seeding). Returns ``False`` for a sampler that cannot be recorded.
+    """
+    if sampler is None:
+        return False
+    base = type(sampler)
+    if base.__name__.startswith("Recording"):
+        return True
 
     def __iter__(self):
-        order = self.order(self.epoch)
-        for start in range(0, len(order), self.buffer_size):
-            buffer = order[start : start + self.buffer_size]
-            for k in range(self.buffer_batches):
-                for index in buffer:
-                    yield (index, k)
+        self.recorded_order = order = list(base.__iter__(self))  # drawn whole at once: same draws, same RNG use
+        yield from order
 
-    def __len__(self) -> int:
-        return len(self.order(self.epoch)) * self.buffer_batches
+    try:
+        sampler.__class__ = type(f"Recording{base.__name__}", (base,), {"__iter__": __iter__})
+    except TypeError:
+        return False
+    sampler.recorded_order = None
+    return True
 
 
-class IndexDataset(torch.utils.data.Dataset):
-    """Hands the sampler's ``(index, k)`` through to the collator, which does the real work."""
+def rank_batches(batch_sampler, order: list[int]) -> list[list[int]] | None:
+    """The micro-batches (lists of dataset positions) that ``batch_sampler`` yields when its sampler draws ``order``.
 
-    def __init__(self, num_rows: int):
-        self.num_rows = num_rows
+    ``batch_sampler`` is the prepared data loader's: a ``BatchSampler``, or accelerate's ``BatchSamplerShard`` (per
+    rank, with its ``even_batches``/``split_batches``) around one. The same classes are run on the recorded order, so
+    the answer is theirs. ``None`` for batch samplers this cannot replay (e.g. a rank-aware ``batch_rebalance``).
+    """
+    from accelerate.data_loader import BatchSamplerShard
 
-    def __len__(self) -> int:
-        return self.num_rows
+    if isinstance(batch_sampler, BatchSamplerShard):
+        inner = batch_sampler.batch_sampler
+        if type(inner) is not BatchSampler and not isinstance(inner, BatchSampler):
+            return None
+        replay = BatchSamplerShard(BatchSampler(order, inner.batch_size, inner.drop_last),
+                                   num_processes=batch_sampler.num_processes,
+                                   process_index=batch_sampler.process_index,
+                                   split_batches=batch_sampler.split_batches,
+                                   even_batches=batch_sampler.even_batches)
+        return [list(b) for b in replay]
+    if isinstance(batch_sampler, BatchSampler) and type(batch_sampler).__iter__ is BatchSampler.__iter__:
+        return [list(b) for b in BatchSampler(order, batch_sampler.batch_size, batch_sampler.drop_last)]
+    return None
 
-    def __getitem__(self, item):
-        return item
+
+def loader_sampler(loader):
+    """``(batch_sampler, sampler)`` of a data loader prepared by accelerate (``None`` where there is none)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    inner = batch_sampler.batch_sampler if isinstance(batch_sampler, BatchSamplerShard) else batch_sampler
+    return batch_sampler, getattr(inner, "sampler", None)

@@ -1,45 +1,99 @@
-"""``ReflectionSFTTrainer``: ``trl.SFTTrainer`` that trains on the recycled stream.
+"""``ReflectionSFTTrainer``: ``trl.SFTTrainer`` that trains on the recycled data.
 
-Swap the class name in a TRL script and epoch 1 recycles each pair through the oracle as its generation buffer is
-first drawn; later epochs read the cache. Overridden hooks: ``get_train_dataloader`` (buffer sampler + recycling
-collator) and ``log`` (recycling counters). Everything else is SFTTrainer's.
+Drop-in means identical: everything that decides *what* is trained on is SFTTrainer's own code. ``SFTTrainer``
+prepares the original training data as usual (so steps per epoch, the LR schedule, ``dataloader_drop_last``,
+``train_sampling_strategy``, ``shuffle_dataset`` and the rows TRL drops are its own), and the Trainer's own sampler
+and data loader draw from it. Each micro-batch then passes through a collator that swaps every row for its recycled
+version: the recycled texts are put back into the row in its own format (:mod:`.exchange`) and those rows go through
+``SFTTrainer._prepare_dataset`` (chat template, ``tools``, ``formatting_func``, ``dataset_text_field``,
+``completion_only_loss``, ``assistant_only_loss``, ``max_length``/``truncation_mode``), lazily, one generation buffer
+at a time (:mod:`.sampling` looks ahead in the Trainer's order). With an oracle that changes nothing, training is
+token-for-token SFTTrainer's (``tests/test_parity.py``).
+
+Streams (``IterableDataset``) get the recycling transform in front of TRL's lazy preparation (``.map``), so accelerate
+shards them, reshuffles them per pass and keeps ranks in step exactly as for SFTTrainer.
 
 Threads: with ``overlap`` on, the oracle phases of the *next* buffer run in one background thread while the current
-buffer trains. The recycler is never used by two threads at once: the next buffer is submitted only after the
-current one is finished (selection, which needs the student, always runs in the training thread).
+buffer trains; the recycler is never used by two threads at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import copy
+import hashlib
+import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from .chat import ensure_chat_template, features, tokenize_conversation
+from .chat import ensure_chat_template
 from .config import ReflectionConfig
-from .export import recycled_conversation, to_sft_dataset
-from .formats import ValidationReport, detect_format, pair_to_messages, row_to_pair, validate_rows
+from .exchange import TEXT, alpaca_conversation, exchange, training_format, with_recycled
+from .export import DROPPED_BY_SELECTION
+from .formats import ALPACA, BadRowError
 from .oracles import Oracle
 from .recycler import Recycler
+from .sampling import loader_sampler, rank_batches, record_order
 from .selection import StudentScorer
-from .sampling import IndexDataset, RecycleBufferSampler
-from .streaming import RecycledStream
 
 logger = logging.getLogger(__name__)
 
+ROW = "_reflect_row"  # column that carries a row's identity through TRL's preparation to the collator
+
 # Counters summed over ranks for the Trainer's log.
 _LOGGED_COUNTERS = (
-    "rows_recycled", "rows_skipped", "cache_hits", "cache_misses", "oracle_calls", "oracle_prompts",
-    "oracle_tokens", "oracle_seconds", "instruction_reflection/total", "instruction_reflection/parsed",
-    "instruction_reflection/accepted", "response_reflection/total", "response_reflection/parsed",
-    "response_reflection/accepted", "scores_computed", "selected/original", "selected/q", "selected/a",
-    "selected/qa", "selected/dropped",
+    "rows_recycled", "rows_skipped", "rows_passed_through", "rows_fully_masked_fallback", "cache_hits",
+    "cache_misses", "oracle_calls", "oracle_prompts", "oracle_tokens", "oracle_seconds",
+    "instruction_reflection/total", "instruction_reflection/parsed", "instruction_reflection/accepted",
+    "response_reflection/total", "response_reflection/parsed", "response_reflection/accepted", "scores_computed",
+    "selected/original", "selected/q", "selected/a", "selected/qa", "selected/dropped",
 )
+# What a row was trained on (export column ``trained_version``).
+RECYCLED, ORIGINAL, NOTHING = "recycled", "original", "nothing"
+
+
+def _as_sft_config(args, model) -> SFTConfig:
+    """The config SFTTrainer would use, never the user's object itself (it must stay reusable for a baseline)."""
+    if args is None:
+        from trl.trainer.utils import get_config_model_id
+
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return SFTConfig(f"{name.split('/')[-1]}-SFT")
+    if isinstance(args, TrainingArguments) and not isinstance(args, SFTConfig):
+        dict_args = args.to_dict()  # the conversion SFTTrainer does
+        dict_args["hub_token"] = args.hub_token
+        return SFTConfig(**dict_args)
+    return copy.copy(args)
+
+
+@contextlib.contextmanager
+def _per_buffer_preparation():
+    """TRL's preparation, called from one rank's collator: no cross-rank barrier, no progress bars.
+
+    ``_prepare_dataset`` runs under ``global_then_local_main_first`` (barriers meant for ``__init__``, where every
+    rank prepares together); per buffer, ranks prepare different rows at different times, so a barrier would hang.
+    """
+    import datasets
+    import trl.trainer.sft_trainer as sft
+
+    barrier, bars = sft.global_then_local_main_first, datasets.is_progress_bar_enabled()
+    sft.global_then_local_main_first = contextlib.nullcontext
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        sft.global_then_local_main_first = barrier
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _row_key(row: dict) -> str:
+    """A streamed row's identity: the hash of its content (positions change when a stream is reshuffled)."""
+    return hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 class ReflectionSFTTrainer(SFTTrainer):
@@ -47,61 +101,69 @@ class ReflectionSFTTrainer(SFTTrainer):
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs: as for
-            ``trl.SFTTrainer``. ``train_dataset`` is in Alpaca, prompt–completion or ``messages`` format. A
-            map-style ``datasets.Dataset`` is validated before anything else (bad rows raise naming the row, or are
-            skipped, per ``reflection_config.on_bad_row``); a streamed ``IterableDataset`` (set ``max_steps``) is
-            split by node and each row checked when its buffer is drawn. ``eval_dataset``, if given, is evaluated as
-            is (not recycled).
+            ``trl.SFTTrainer``, in every format it accepts (``messages``, prompt–completion as strings or
+            conversations, ``text``, ``formatting_func``) plus Alpaca columns; see :mod:`.exchange` for what is
+            reflected in each. ``args`` may be an ``SFTConfig`` or a ``TrainingArguments``; it is not modified.
+            Bad rows of a map-style data set raise before any work, naming the row and field, or are left out
+            (``reflection_config.on_bad_row``). ``eval_dataset`` is prepared and evaluated as SFTTrainer does (not
+            recycled). ``packing=True`` is refused.
         reflection_config: The recycling settings; defaults to ``ReflectionConfig()`` (embedded SmolLM2 oracle).
-            ``mode="selective"`` lets this student score every version of a pair and train on the one the paper's
-            rule picks; ``oracle_engine="self"`` makes the student's frozen base (PEFT students) the oracle.
         oracle: An already-built oracle, instead of one built from ``reflection_config``.
     """
 
     _tag_names = ["trl", "sft", "reflection-tuning"]
     _name = "ReflectionSFT"
+    _evaluating = False
 
-    def __init__(self, model, args: SFTConfig | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, *, reflection_config: ReflectionConfig | None = None,
-                 oracle: Oracle | None = None, **kwargs):
-        if train_dataset is None:
-            raise ValueError("ReflectionSFTTrainer needs a train_dataset to recycle")
+    def __init__(self, model, args: SFTConfig | TrainingArguments | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, *,
+                 reflection_config: ReflectionConfig | None = None, oracle: Oracle | None = None, **kwargs):
         from datasets import Dataset, IterableDataset
 
+        if train_dataset is None:
+            raise ValueError("ReflectionSFTTrainer needs a train_dataset to recycle")
         if not isinstance(train_dataset, (Dataset, IterableDataset)):
             raise TypeError(f"train_dataset must be a datasets.Dataset or IterableDataset, got {type(train_dataset)}")
         config = reflection_config or ReflectionConfig()
+        args = _as_sft_config(args, model)
+        if args.packing:
+            raise ValueError(
+                "packing=True cannot work with lazy recycling: a packed sequence is cut from many rows before training "
+                "starts, but a row's recycled length is only known when its buffer is recycled. Train with "
+                "packing=False (padding_free=True also saves the padding), or recycle first "
+                "(`reflect-trainer recycle`) and pack the export with plain SFTTrainer."
+            )
+        if args.dataloader_num_workers:
+            # The collator calls the oracle and keeps the recycled rows: it must run in this process.
+            logger.warning("ReflectionSFTTrainer collates in the main process; ignoring dataloader_num_workers=%d",
+                           args.dataloader_num_workers)
+            args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
+            args.dataloader_prefetch_factor = None
+        self._formatting_func = kwargs.get("formatting_func")
         self._streaming = isinstance(train_dataset, IterableDataset)
+        first = next(iter(train_dataset))
+        self._fmt = training_format(first.keys(), args.dataset_text_field, self._formatting_func)
+        # SFTTrainer has no Alpaca format: without a formatting_func, Alpaca rows train as prompt/completion.
+        self._alpaca_conversation = self._fmt == ALPACA and self._formatting_func is None
+        if self._alpaca_conversation and processing_class is not None:
+            ensure_chat_template(getattr(processing_class, "tokenizer", processing_class))
+        self._skipped: list[BadRowError] = []
+        self._live = False  # streams: the recycling transform passes rows through until training starts
         if self._streaming:
-            # A stream cannot be validated up front: its format is checked now, each row when its buffer comes.
-            report = ValidationReport(fmt=detect_format(next(iter(train_dataset)).keys()), valid_indices=[], skipped={})
-            source = train_dataset
+            self._source = train_dataset
+            buffer_rows = args.per_device_train_batch_size * config.buffer_batches * max(1, args.world_size)
+            train_dataset = train_dataset.map(self._recycle_stream_rows, batched=True, batch_size=buffer_rows)
         else:
-            # Bad data must surface now, before any model, oracle or training work.
-            report = validate_rows(train_dataset, config.on_bad_row, config.max_field_chars)
-            source = train_dataset.select(report.valid_indices) if report.skipped else train_dataset
-        if args is None:
-            args = SFTConfig(output_dir="reflection-sft")
-        if args.packing or args.padding_free:
-            raise ValueError("ReflectionSFTTrainer tokenizes lazily per buffer; packing/padding_free are not supported")
-        # We tokenize lazily ourselves; SFTTrainer must not .map() the raw data (it peeks at one raw row only).
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        # eval_dataset goes in raw (the Trainer checks it exists when eval_strategy is set) and is tokenized below.
-        super().__init__(model, args=args, data_collator=data_collator, train_dataset=source,
-                         eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        ensure_chat_template(self._tokenizer)
-        self._fmt = report.fmt
-        self._source = source
-        if self.args.dataloader_num_workers:
-            logger.warning("ReflectionSFTTrainer recycles in the main process; ignoring dataloader_num_workers")
+            train_dataset = self._indexed_source(train_dataset, config)
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=self._trl_rows(eval_dataset), processing_class=processing_class, **kwargs)
+        self.data_collator = _RecyclingCollator(self.data_collator, self)
         device = config.oracle_device
         if device is None and self.accelerator.device.type == "cuda":
             device = str(self.accelerator.device)
-        self.reflection_config = dataclasses.replace(
-            config,
-            oracle_device=device or "cpu",
-            progress_bar=config.progress_bar and self.accelerator.is_local_main_process,
-        )
+        self.reflection_config = copy.copy(config)
+        self.reflection_config.oracle_device = device or "cpu"
+        self.reflection_config.progress_bar = config.progress_bar and self.accelerator.is_local_main_process
         if config.oracle_engine == "self":
             oracle = self._self_oracle()
         scorer = None
@@ -109,23 +171,63 @@ class ReflectionSFTTrainer(SFTTrainer):
             scorer = StudentScorer(self.model, self._tokenizer, batch_size=config.selection_batch_size,
                                    max_length=self.args.max_length or 1024, lockstep=self._model_is_sharded())
         self.recycler = Recycler(self.reflection_config, oracle=oracle, scorer=scorer)
-        self.recycler.record_skipped(report.skipped.values())
+        self.recycler.record_skipped(self._skipped)
         if config.oracle_engine == "vllm" and self.accelerator.num_processes > 1:
             _ = self.recycler.oracle  # vLLM's external launcher sets up collectively: every rank builds it now
         self._overlap = self._overlap_wanted()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recycle") if self._overlap else None
         self._prefetched: dict[tuple, Future] = {}
-        self._sampler: RecycleBufferSampler | None = None
-        self._recycled: dict[int, dict] = {}  # source index -> recycled row
-        self._tokens: dict[int, tuple] = {}  # source index -> (input_ids, completion_start)
-        self._buffer_key: tuple | None = None
-        self._rank_share: set[int] = set()
-        self._stream_recycled: list[dict] = []  # streamed data: rows recycled in the first pass, in order
-        self._stream_passes_done = 0
-        if eval_dataset is not None:
-            self.eval_dataset = self._tokenize_original(eval_dataset)
+        self._counts = {"rows_passed_through": 0, "rows_fully_masked_fallback": 0}
+        self._prepared: dict = {}  # row -> features trained on (None: the original, as SFTTrainer prepared it)
+        self._exported: dict = {}  # row -> export row (the row as trained on, the original, the recycling columns)
+        self._trained: dict = {}  # row -> True, in the order first trained
+        # Buffer settings for TRL's preparation of recycled rows: no shuffling or worker processes per buffer.
+        self._buffer_args = copy.copy(self.args)
+        self._buffer_args.shuffle_dataset, self._buffer_args.dataset_num_proc = False, None
+        self._loader_batches = None  # (batch sampler, sampler) of the training data loader, for the look-ahead
+        self._batches: list[list] | None = None  # this rank's micro-batches (source rows) of the current epoch
+        self._batches_of = None  # the recorded order they were replayed from
+        self._share_left: set = set()  # rows of those not recycled yet
+        self._cursor = 0
+        if not self._streaming:
+            rows = self.train_dataset[ROW]  # the prepared dataset: position -> source row (after TRL's filtering)
+            self._position_row = rows
+            self._row_position = {r: p for p, r in enumerate(rows)}
+        self._live = True
 
     # ---- set-up ----------------------------------------------------------------------------------------------
+    def _indexed_source(self, dataset, config: ReflectionConfig):
+        """Validate the reflectable exchanges (bad data surfaces before any model or oracle work), tag each row
+        with its identity, and turn Alpaca rows into what SFTTrainer can train on."""
+        self._exchanges = []
+        keep = []
+        for i, row in enumerate(dataset):
+            try:
+                self._exchanges.append(exchange(row, self._fmt, i, config.max_field_chars))
+                keep.append(i)
+            except BadRowError as err:
+                if config.on_bad_row == "error":
+                    raise
+                logger.warning("skipping bad row: %s", err)
+                self._skipped.append(err)
+        if self._skipped:
+            logger.warning("left out %d of %d rows as bad input", len(self._skipped), len(dataset))
+            dataset = dataset.select(keep)
+        if not any(p is not None for p in self._exchanges):
+            logger.warning("no row has an instruction/response exchange to reflect: training on the data as given")
+        self._source = dataset.add_column(ROW, list(range(len(dataset))))
+        return self._trl_rows(self._source)
+
+    def _trl_rows(self, dataset):
+        """Alpaca rows (no formatting_func) as conversational prompt/completion; other formats as given."""
+        if dataset is None or not self._alpaca_conversation:
+            return dataset
+        if isinstance(dataset, dict):
+            return type(dataset)({k: self._trl_rows(v) for k, v in dataset.items()})
+        if "prompt" in (dataset.column_names or ()):
+            return dataset
+        return dataset.map(lambda r: alpaca_conversation(r["instruction"], r.get("input") or "", r["output"]))
+
     def _model_is_sharded(self) -> bool:
         """ZeRO-3 and FSDP shard the student: its forward passes are collective, so all ranks must run them."""
         if self.is_fsdp_enabled:
@@ -146,93 +248,161 @@ class ReflectionSFTTrainer(SFTTrainer):
         if c.overlap != "auto" or c.oracle_engine == "self":
             if c.overlap == "on" and c.oracle_engine == "self":
                 raise ValueError("overlap='on' cannot work with oracle_engine='self': the oracle is the student")
-            return c.overlap == "on"
+            return c.overlap == "on" and not self._streaming
+        if self._streaming:
+            return False
         if c.oracle_engine == "openai":
             return True  # a server: its own process, usually its own GPU
         return c.oracle_engine in ("transformers", "llama_cpp") and c.oracle_device != str(self.accelerator.device)
 
-    # ---- data ----------------------------------------------------------------------------------------------
-    def get_train_dataloader(self) -> DataLoader:
-        if self._streaming:
-            return self._stream_dataloader()
-        buffer_batches = self.reflection_config.buffer_batches
-        sampler = RecycleBufferSampler(
-            len(self._source),
-            batch_size=self._train_batch_size,
-            buffer_batches=buffer_batches,
-            world_size=self.accelerator.num_processes,
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-        )
-        self._sampler = sampler
-        self._rank_share = sampler.rank_share(0, self.accelerator.process_index)
-        self.recycler.expected_rows = len(self._rank_share)
-        loader = DataLoader(
-            IndexDataset(len(self._source)),
-            batch_size=self._train_batch_size * buffer_batches,
-            sampler=sampler,
-            collate_fn=self._collate_buffer,
-            num_workers=0,  # the collator runs the oracle and keeps the buffer: it must live in this process
-            drop_last=False,
-        )
-        return self.accelerator.prepare(loader)
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if ROW not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW]
 
-    def _collate_buffer(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        """One dataloader batch is this rank's slice of a buffer; return its ``k``-th micro-batch."""
-        k = items[0][1]
-        indices = [i for i, _ in items]
-        if tuple(indices) != self._buffer_key:
-            self._materialize(indices)
-            self._buffer_key = tuple(indices)
-        size = len(indices) // self.reflection_config.buffer_batches
-        # Rows the selection rule dropped train on nothing; a micro-batch left empty gets one fully masked token
-        # (TRL's loss is finite for a batch without trainable tokens).
-        micro = [features(*self._tokens[i]) for i in indices[k * size : (k + 1) * size] if self._tokens[i] is not None]
-        return self.data_collator(micro or [self._nothing_to_learn()])
+    # ---- data: the Trainer's own loader, with a look-ahead into its order ------------------------------------
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if not self._streaming:
+            batch_sampler, sampler = loader_sampler(loader)
+            self._loader_batches = (batch_sampler, sampler) if record_order(sampler) else None
+            self._batches = self._batches_of = None
+        return loader
 
-    def _nothing_to_learn(self) -> dict:
-        return features(np.asarray([self._tokenizer.eos_token_id]), completion_start=1)
+    def _epoch_batches(self) -> list[list] | None:
+        """This rank's micro-batches of the current pass (source rows), replayed from the recorded order."""
+        if self._loader_batches is None:
+            return None
+        batch_sampler, sampler = self._loader_batches
+        order = getattr(sampler, "recorded_order", None)
+        if order is not None and self._batches_of is not order:
+            positions = rank_batches(batch_sampler, order)
+            self._batches = None if positions is None else [[self._position_row[p] for p in b] for b in positions]
+            self._batches_of, self._cursor = order, 0
+            self._share_left = {r for b in self._batches or () for r in b if r not in self._prepared}
+        return self._batches if order is not None else None
 
-    def _materialize(self, indices: list[int]) -> None:
-        """Recycle (one oracle call per template step for all misses) and tokenize the rows not yet seen."""
-        todo = sorted({i for i in indices if i not in self._tokens})
-        pending = self._prefetched.pop(tuple(todo), None)
+    def _features_for(self, rows: list, features: list[dict]) -> list[dict]:
+        """The collator's hook: the recycled, TRL-prepared features of a micro-batch's rows.
+
+        Buffers are aligned on this rank's micro-batches (``0..buffer_batches-1``, then the next ones...), and every
+        rank materializes at every buffer start, with or without rows to recycle: with a sharded student (ZeRO-3)
+        selective scoring is collective, so all ranks must make the same calls.
+        """
+        batches, size = self._epoch_batches(), self.reflection_config.buffer_batches
+        t = None
+        if batches:
+            t = next((i for i in range(self._cursor, len(batches)) if batches[i] == rows), None)
+        if t is None:  # no look-ahead (unknown sampler): recycle this micro-batch on its own
+            buffer, following, boundary = rows, [], True
+        else:
+            self._cursor = t + 1
+            start = t - t % size
+            buffer = [r for b in batches[start : start + size] for r in b]
+            following = [r for b in batches[start + size : start + 2 * size] for r in b]
+            boundary = t == start
+        if boundary or any(r not in self._prepared for r in rows):
+            self._materialize([r for r in dict.fromkeys([*rows, *buffer]) if r not in self._prepared])
+            self._prefetch([r for r in dict.fromkeys(following) if r not in self._prepared])
+        out = []
+        for row, feature in zip(rows, features):
+            prepared = self._prepared[row]
+            out.append(prepared if prepared is not None else {k: feature[k] for k in ("input_ids", "labels")})
+        if batches and not self._share_left:
+            self._release_oracle("every row of this rank's share is recycled")
+        return out
+
+    def _materialize(self, rows: list) -> None:
+        """Recycle (one oracle call per template step for all misses) and prepare ``rows`` with TRL's code."""
+        reflect = [r for r in rows if self._exchanges[r] is not None]
+        pending = self._prefetched.pop(tuple(reflect), None)
         for stale in self._prefetched.values():  # never two threads in the recycler (its results are cached)
             stale.result()
         self._prefetched.clear()
-        if todo:
-            reflected = pending.result() if pending is not None else self.recycler.reflect(self._source[todo], todo)
-            for i, row in zip(todo, self._rows(self.recycler.finish(reflected), len(todo))):
-                self._recycled[i] = row
-                self._tokens[i] = self._tokenize_recycled(row) if row["skip_reason"] is None else None
+        recycled = {}
+        if reflect:
+            reflected = pending.result() if pending is not None else self._reflect(reflect)
+            columns = self.recycler.finish(reflected)
+            for j, r in enumerate(reflect):
+                recycled[r] = {name: columns[name][j] for name in self.recycler.columns}
         elif self.recycler.scorer is not None and self.recycler.scorer.lockstep:
-            self.recycler.scorer.score([])  # sharded student: peers with rows to score wait for this rank
-        if self._rank_share <= self._tokens.keys():
-            self._release_oracle("every pair of this rank's share is recycled")
-        elif self._prefetcher is not None:
-            self._prefetch_after(indices)
+            self.recycler.scorer.score([])
+        sources = {r: self._source[r] for r in rows}
+        trained_rows, versions = [], {}
+        for r in rows:
+            rec = recycled.get(r)
+            if rec is None:
+                self._counts["rows_passed_through"] += 1
+                versions[r] = ORIGINAL
+                continue
+            versions[r] = NOTHING if rec["skip_reason"] == DROPPED_BY_SELECTION else RECYCLED
+            if versions[r] == RECYCLED:
+                trained_rows.append(with_recycled(sources[r], self._fmt, rec["recycled_instruction"],
+                                                  rec["recycled_input"], rec["recycled_output"],
+                                                  self._alpaca_conversation))
+        prepared = self._prepare_rows(trained_rows)
+        for r in rows:
+            if versions[r] == RECYCLED and r not in prepared:
+                # TRL drops a row left without a trainable token (e.g. the recycled prompt fills max_length); the
+                # original survived SFTTrainer's preparation, so the step trains on it rather than on nothing.
+                versions[r] = ORIGINAL
+                self._counts["rows_fully_masked_fallback"] += 1
+            if versions[r] == RECYCLED:
+                self._prepared[r] = prepared[r]
+            elif versions[r] == NOTHING:  # the selection rule dropped it: the step keeps its slot, with no loss
+                original = self.train_dataset[self._row_position[r]]
+                self._prepared[r] = {"input_ids": original["input_ids"], "labels": [-100] * len(original["labels"])}
+            else:
+                self._prepared[r] = None
+            self._exported[r] = self._export_row(sources[r], recycled.get(r), versions[r])
+            self._share_left.discard(r)
 
-    def _prefetch_after(self, indices: list[int]) -> None:
+    def _reflect(self, rows: list):
+        """The oracle phases for ``rows`` (safe in the background thread): their exchanges as Alpaca pairs."""
+        pairs = [self._exchanges[r] for r in rows]
+        batch = {"instruction": [p.instruction for p in pairs], "input": [p.input for p in pairs],
+                 "output": [p.output for p in pairs]}
+        return self.recycler.reflect(batch, list(rows))
+
+    def _prefetch(self, rows: list) -> None:
         """Start the oracle phases of this rank's next buffer in the background (``overlap``)."""
-        slices = self._sampler.rank_slices(self._sampler.epoch, self.accelerator.process_index)
-        try:
-            following = slices[slices.index(list(indices)) + 1]
-        except (ValueError, IndexError):
-            return  # the last buffer of the epoch, or a slice of another epoch's order
-        todo = sorted({i for i in following if i not in self._tokens})
-        if todo and tuple(todo) not in self._prefetched:
-            self._prefetched[tuple(todo)] = self._prefetcher.submit(self.recycler.reflect, self._source[todo], todo)
+        reflect = tuple(r for r in rows if self._exchanges[r] is not None)
+        if self._prefetcher is not None and reflect and reflect not in self._prefetched:
+            self._prefetched[reflect] = self._prefetcher.submit(self._reflect, list(reflect))
 
-    def _recycle_rows(self, batch: dict[str, list], indices: list) -> list[dict]:
-        """Run the recycling transform on a batch; return one recycled row (dict) per input row."""
-        return self._rows(self.recycler(batch, indices=indices), len(indices))
+    def _prepare_rows(self, rows: list[dict]) -> dict:
+        """``row -> {input_ids, labels}`` for rows in the user's format, by SFTTrainer's own preparation; rows TRL
+        drops (no trainable token left) are absent."""
+        if not rows:
+            return {}
+        from datasets import Dataset
 
-    @staticmethod
-    def _rows(columns: dict[str, list], n: int) -> list[dict]:
-        return [{name: values[j] for name, values in columns.items()} for j in range(n)]
+        features = self._source.features
+        if self._alpaca_conversation:
+            features = None  # the prompt/completion columns were added after the source was read
+        data = Dataset.from_list(rows, features=features)
+        with _per_buffer_preparation():
+            prepared = self._prepare_dataset(data, self.processing_class, self._buffer_args, False,
+                                             self._formatting_func, "recycled")
+        return {r[ROW]: {"input_ids": r["input_ids"], "labels": r["labels"]}
+                for r in prepared.select_columns([ROW, "input_ids", "labels"])}
 
-    def _tokenize_recycled(self, row: dict) -> tuple:
-        prompt, completion = recycled_conversation(row, self._fmt)
-        return tokenize_conversation(self._tokenizer, prompt, completion, self.args.max_length)
+    def _export_row(self, source: dict, recycled: dict | None, version: str) -> dict:
+        """The row as trained on (in the user's format), its original format columns, and the recycling columns."""
+        source = {k: v for k, v in source.items() if k != ROW}
+        if self._alpaca_conversation:
+            source.update(alpaca_conversation(source["instruction"], source.get("input") or "", source["output"]))
+        trained = source
+        if version == RECYCLED:
+            trained = with_recycled(source, self._fmt, recycled["recycled_instruction"], recycled["recycled_input"],
+                                    recycled["recycled_output"], self._alpaca_conversation)
+        row = dict(trained)
+        for name in ("instruction", "input", "output", "prompt", "completion", "messages"):
+            if name in source:
+                row[f"original_{name}"] = source[name]
+        row.update(recycled or dict.fromkeys(self.recycler.columns))
+        row["trained_version"] = version
+        return row
 
     def _release_oracle(self, why: str) -> None:
         if self._prefetcher is not None:
@@ -243,68 +413,148 @@ class ReflectionSFTTrainer(SFTTrainer):
             self.recycler.release_oracle()
             self.recycler.close_progress()
 
-    # ---- streamed data ---------------------------------------------------------------------------------------------
-    def _stream_dataloader(self) -> DataLoader:
-        from datasets.distributed import split_dataset_by_node
+    def training_step(self, model, inputs, *args, **kwargs):
+        # The loader collates one batch ahead of the step that takes it (and a run can stop in between): rows count
+        # as trained here, not in the collator.
+        for row in inputs.pop(ROW, ()):
+            self._trained.setdefault(row, True)
+        return super().training_step(model, inputs, *args, **kwargs)
 
-        split = split_dataset_by_node(self._source, rank=self.accelerator.process_index,
-                                      world_size=self.accelerator.num_processes)
-        stream = RecycledStream(
-            split,
-            buffer_size=self._train_batch_size * self.reflection_config.buffer_batches,
-            batch_size=self._train_batch_size,
-            process_buffer=self._process_stream_buffer,
-            collate=self.data_collator,
-            on_pass_end=self._stream_pass_end,
-        )
-        # Not passed through accelerator.prepare: the split above is already this rank's (see streaming.py).
-        return DataLoader(stream, batch_size=None, num_workers=0)
+    # ---- streamed data ---------------------------------------------------------------------------------------
+    def _recycle_stream_rows(self, batch: dict[str, list]) -> dict[str, list]:
+        """The transform in front of TRL's lazy preparation: each buffer of the stream, recycled in one call.
 
-    def _process_stream_buffer(self, buffer: list[tuple[int, dict]]) -> list[dict]:
-        batch = {name: [row.get(name) for _, row in buffer] for name in buffer[0][1]}
-        labels = [f"{p} of rank {self.accelerator.process_index}'s stream" for p, _ in buffer]
-        rows = self._recycle_rows(batch, labels)
-        if not self._stream_passes_done:
-            self._stream_recycled.extend(rows)
-        kept = [features(*self._tokenize_recycled(row)) for row in rows if row["skip_reason"] is None]
-        return kept or [self._nothing_to_learn()]
+        Every rank reads the whole stream and accelerate keeps its share (as for SFTTrainer: equal step counts on
+        every rank, no hang at a partial accumulation step). Each rank therefore runs the recycler on every row; the
+        shared cache's claims make each pair go to the oracle once, and later passes read the cache.
+        """
+        n = len(next(iter(batch.values())))
+        rows = [{k: batch[k][j] for k in batch} for j in range(n)]
+        keys = [_row_key(r) for r in rows]
+        if self._alpaca_conversation:
+            rows = [{**r, **alpaca_conversation(r["instruction"], r.get("input") or "", r["output"])} for r in rows]
+        out = [{**r, ROW: k} for r, k in zip(rows, keys)]
+        if self._live:
+            out = self._recycle_stream_buffer(out)
+        return {name: [r[name] for r in out] for name in (out[0] if out else {**batch, ROW: None})}
 
-    def _stream_pass_end(self, passes: int) -> None:
-        self._stream_passes_done = passes
-        if passes == 1:
-            self._release_oracle("first pass over this rank's stream done")
+    def _recycle_stream_buffer(self, rows: list[dict]) -> list[dict]:
+        c = self.reflection_config
+        fresh = [r for r in rows if r[ROW] not in self._exported]
+        if not fresh:
+            self._release_oracle("a pass over the stream is done")
+        todo, pairs = [], []
+        for r in fresh:
+            try:
+                pair = exchange(r, self._fmt, f"{r[ROW]} of the stream", c.max_field_chars)
+            except BadRowError as err:
+                if c.on_bad_row == "error":
+                    raise
+                logger.warning("skipping bad row: %s", err)
+                self.recycler.record_skipped([err])
+                self._exported[r[ROW]] = None
+                continue
+            if pair is None:
+                self._counts["rows_passed_through"] += 1
+                self._exported[r[ROW]] = self._export_row(r, None, ORIGINAL)
+            else:
+                todo.append(r)
+                pairs.append(pair)
+        if todo:
+            batch = {"instruction": [p.instruction for p in pairs], "input": [p.input for p in pairs],
+                     "output": [p.output for p in pairs]}
+            columns = self.recycler.finish(self.recycler.reflect(batch, [r[ROW] for r in todo]))
+            for j, r in enumerate(todo):
+                rec = {name: columns[name][j] for name in self.recycler.columns}
+                version = NOTHING if rec["skip_reason"] == DROPPED_BY_SELECTION else RECYCLED
+                self._exported[r[ROW]] = self._export_row(r, rec, version)
+        out = []
+        for r in rows:
+            exported = self._exported[r[ROW]]
+            if exported is None:
+                continue  # a bad row, left out (on_bad_row="skip")
+            if exported["trained_version"] == RECYCLED:
+                r = with_recycled(r, self._fmt, exported["recycled_instruction"], exported["recycled_input"],
+                                  exported["recycled_output"], self._alpaca_conversation)
+            out.append(r)
+        return out
 
-    def _tokenize_original(self, dataset):
-        """Evaluation data are scored as given, with the student's chat template and completion-only labels."""
-        fmt = validate_rows(dataset, "error", self.reflection_config.max_field_chars).fmt
+    def _stream_features(self, rows: list, features: list[dict]) -> list[dict]:
+        """Streams arrive recycled and prepared; rows dropped by the selection rule train on nothing."""
+        out = []
+        for row, feature in zip(rows, features):
+            feature = {k: feature[k] for k in ("input_ids", "labels")}
+            exported = self._exported.get(row)
+            if exported is not None and exported["trained_version"] == NOTHING:
+                feature["labels"] = [-100] * len(feature["labels"])
+            out.append(feature)
+        return out
 
-        def tokenize(row, idx):
-            messages = pair_to_messages(row_to_pair(row, fmt, idx, self.reflection_config.max_field_chars))
-            return features(*tokenize_conversation(self._tokenizer, messages[:-1], messages[-1:], self.args.max_length))
-
-        return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names)
+    # ---- evaluation: as SFTTrainer (eval data are not recycled) ------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._trl_rows(eval_dataset)
+        self._evaluating = True
+        try:
+            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                    metric_key_prefix=metric_key_prefix)
+        finally:
+            self._evaluating = False
 
     # ---- results and logs ----------------------------------------------------------------------------------------
     def recycled_dataset(self, include_dropped: bool = False):
-        """The recycled training data in source order (what was trained on), ready for plain ``SFTTrainer``.
+        """Exactly the rows trained on (by any rank), in source order (streams: in the order first trained).
 
-        Rows this process has not recycled (other ranks' shares) are read from the shared cache; every rank must
-        call this (with a sharded student, scoring a row is collective). In selective mode every row carries its
-        scores and ``selected_version``; rows the rule dropped are left out unless ``include_dropped``.
+        Each row is in the training data's own format with the recycled texts in place, so plain ``SFTTrainer``
+        with the same options trains on the same tokens; ``original_<column>`` keeps the input, the recycling
+        columns say what the oracle did, ``trained_version`` is ``recycled``, ``original`` (nothing to reflect, or
+        the recycled version had no trainable token within ``max_length``) or ``nothing`` (dropped by the selection
+        rule; left out unless ``include_dropped``). Rows never trained on (``max_steps``, an early stop) are not
+        here: :meth:`recycle_remaining` recycles them. Every rank must call this.
         """
+        return self._export(self._gather_rows(list(self._trained)), include_dropped)
+
+    def recycle_remaining(self, include_dropped: bool = False):
+        """Recycle the rows never trained on (after ``max_steps`` or an early stop; may load the oracle) and return
+        every row, trained or not, as :meth:`recycled_dataset` does; ``trained`` says which were."""
+        if self._streaming:
+            raise ValueError("a stream has no known remainder: recycle it with Recycler(...) over the stream")
+        trained = set(self._gather_rows(list(self._trained)))
+        self._materialize([r for r in range(len(self._source)) if r not in self._prepared])
+        data = self._export(list(range(len(self._source))), include_dropped, add_trained=trained)
+        return data
+
+    def _gather_rows(self, rows: list) -> list:
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rows = list(dict.fromkeys(gather_object(rows)))
+        return sorted(rows) if not self._streaming else rows
+
+    def _export(self, rows: list, include_dropped: bool, add_trained: set | None = None):
         from datasets import Dataset
 
-        if self._streaming:  # this rank's split, as recycled in the first pass
-            return to_sft_dataset(Dataset.from_list(self._stream_recycled), keep_dropped=include_dropped)
-        self._materialize(list(range(len(self._source))))
-        rows = [self._recycled[i] for i in range(len(self._source))]
-        return to_sft_dataset(Dataset.from_list(rows), keep_dropped=include_dropped)
+        if self._streaming:
+            missing = [r for r in rows if r not in self._exported]
+            if missing:  # trained by another rank that recycled it: every rank recycles every streamed row
+                raise RuntimeError(f"{len(missing)} trained rows were never recycled on this rank")
+        else:
+            self._materialize([r for r in rows if r not in self._prepared])  # other ranks' rows: from the cache
+        out = []
+        for r in rows:
+            row = self._exported[r]
+            if row is None or (row["trained_version"] == NOTHING and not include_dropped):
+                continue
+            out.append({**row, "trained": r in add_trained} if add_trained is not None else row)
+        return Dataset.from_list(out)
 
     def recycling_stats(self) -> dict[str, float]:
-        return self.recycler.stats()
+        return {**self.recycler.stats(), **self._counts}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        stats = self.recycler.stats()
+        if self._evaluating:
+            return super().log(logs, start_time)  # evaluation metrics stay SFTTrainer's (evaluate() returns them)
+        stats = self.recycling_stats()
         values = torch.tensor([float(stats.get(k, 0.0)) for k in _LOGGED_COUNTERS], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="sum")
@@ -316,3 +566,21 @@ class ReflectionSFTTrainer(SFTTrainer):
             summed["oracle_tokens_per_s"] = summed["oracle_tokens"] / summed["oracle_seconds"]
         logs.update({f"recycle/{k}": v for k, v in summed.items()})
         super().log(logs, start_time)
+
+
+class _RecyclingCollator:
+    """SFTTrainer's collator, fed each training row's recycled, TRL-prepared features (eval batches pass as is)."""
+
+    def __init__(self, inner, trainer: ReflectionSFTTrainer):
+        self.inner = inner
+        self.trainer = trainer
+
+    def __call__(self, features: list[dict]):
+        if not features or ROW not in features[0]:
+            return self.inner(features)
+        rows = [f[ROW] for f in features]
+        t = self.trainer
+        features = t._stream_features(rows, features) if t._streaming else t._features_for(rows, features)
+        batch = self.inner(features)
+        batch[ROW] = rows  # popped by training_step: a batch counts as trained when a step takes it
+        return batch
