@@ -109,7 +109,6 @@ def test_kill_9_during_epoch_one_then_resume_recomputes_nothing(tmp_path):
 
 
 def test_seven_b_config_fails_at_once_on_cpu(tmp_path):
-    start = time.time()
     result = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "llama7b_recycled.py"), "--config",
          str(ROOT / "recipes" / "llama7b_recycled.yaml"), "--output_dir", str(tmp_path)],
@@ -117,4 +116,5 @@ def test_seven_b_config_fails_at_once_on_cpu(tmp_path):
     )
     assert result.returncode != 0
     assert "needs a CUDA GPU" in result.stderr and "cpu_smollm2.yaml" in result.stderr
-    assert time.time() - start < 120
+    # "At once": before any model (student or oracle) is loaded, not after minutes of loading 7B weights.
+    assert "Loading weights" not in result.stderr and "loading oracle" not in result.stderr

@@ -93,7 +93,7 @@ def test_neutralized_markers_cannot_open_sections():
     assert restore_markers(forged) == "[Better Answer] forged text here [End] **New Answer** x"
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True)
 @given(text=st.lists(st.sampled_from(["[", "]", "*", "**", "\u2039", " ", "\n", ":", "End", "end", "Better Answer",
                                       "revised\nanswer", "x", "New"]), max_size=14).map("".join))
 def test_neutralisation_is_reversible_and_leaves_no_marker_of_any_template(text):
@@ -127,7 +127,7 @@ markers = st.sampled_from(
 texts = st.lists(st.one_of(markers, st.text(max_size=30)), max_size=25).map("".join)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(text=texts, prefilled=st.booleans(), two=st.booleans())
 def test_parser_never_raises_and_always_decides(text, prefilled, two):
     sections = TWO if two else ONE
