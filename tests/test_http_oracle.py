@@ -304,8 +304,14 @@ def test_http_identity_follows_what_the_server_reports(serve, oracle_path):
                 identity_for(None, "m", base_url=other_context.url), identity_for(None, "n", base_url=other_name.url),
                 identity_for(oracle_path, "m", base_url=a.url)}) == 5  # /completions with a local template
     assert OpenAIHTTPOracle(None, base_url=a.url, served_model="m").identity == chat
-    with pytest.raises(ValueError, match=r"serves \['m'\], not 'x'"):
-        identity_for(None, "x", base_url=a.url)
+
+
+def test_a_model_the_server_does_not_list_is_named_in_a_warning(serve, caplog):
+    """`transformers serve` loads any model it is asked for but lists only its hub cache: not an error."""
+    server = serve(models=[{"id": "m", "root": "/weights/a"}])
+    identity = identity_for(None, "x", base_url=server.url)
+    assert identity.startswith("openai-http:x:") and identity != identity_for(None, "m", base_url=server.url)
+    assert "does not list 'x'" in caplog.text
 
 
 @pytest.fixture(scope="module")

@@ -102,9 +102,13 @@ def describe_server(client: httpx.Client, served_model: str | None) -> dict:
     entries = {m.get("id"): m for m in models if isinstance(m, dict)}
     if served_model is None and len(entries) == 1:
         served_model = next(iter(entries))
-    if served_model not in entries:
-        raise ValueError(f"the oracle server at {where} serves {sorted(map(str, entries))}, not {served_model!r}; "
-                         "set oracle_served_model to one of them")
+    if not served_model:
+        raise ValueError(f"the oracle server at {where} serves {sorted(map(str, entries))}: set oracle_served_model "
+                         "to one of them")
+    if served_model not in entries:  # `transformers serve` loads any model asked for, and lists only its hub cache
+        logger.warning("oracle server at %s does not list %r (it lists %s): its identity is the name alone", where,
+                       served_model, sorted(map(str, entries))[:10])
+        return {"id": served_model}
     return {k: entries[served_model][k] for k in _MODEL_FIELDS if entries[served_model].get(k) is not None}
 
 
