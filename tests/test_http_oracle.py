@@ -71,7 +71,9 @@ class FaultyServer:
             def do_GET(self):
                 self._record(None)
                 if self.path.endswith("/models"):
-                    self._send(200, json.dumps({"object": "list", "data": outer.models}).encode())
+                    self._send(200, json.dumps({"object": "list", "data": outer.models}).encode(),
+                               headers={"Connection": "close"})
+                    self.close_connection = True
                 else:
                     self._send(405, b'{"error": "method not allowed"}')
 
@@ -194,6 +196,15 @@ def test_a_request_that_keeps_failing_falls_back_alone(serve):
     assert out[0].finish_reason == "error" and out[0].error == "oracle_error:500" and out[0].text == ""
     assert out[1].text == "Hello there, friend! "
     assert sum(p["body"]["messages"][0]["content"] == "bad" for p in server.posts) == 3  # 1 try + 2 retries
+
+
+def test_a_server_gone_for_the_whole_batch_stops_the_run(serve):
+    """Connection refused on every row is no row's fault: an error, not a batch of silent fallbacks."""
+    server = serve()
+    oracle = oracle_for(server, max_retries=1)
+    server.close()
+    with pytest.raises(RuntimeError, match="unreachable"):
+        oracle.generate([PROMPT, PROMPT], SETTINGS)
 
 
 PAIRS = [{"instruction": f"Explain idea number {i} of photosynthesis.", "output": f"Idea {i} is about light."}
