@@ -71,7 +71,9 @@ class FaultyServer:
             def do_GET(self):
                 self._record(None)
                 if self.path.endswith("/models"):
-                    self._send(200, json.dumps({"object": "list", "data": outer.models}).encode())
+                    self._send(200, json.dumps({"object": "list", "data": outer.models}).encode(),
+                               headers={"Connection": "close"})
+                    self.close_connection = True
                 else:
                     self._send(405, b'{"error": "method not allowed"}')
 
@@ -196,6 +198,15 @@ def test_a_request_that_keeps_failing_falls_back_alone(serve):
     assert sum(p["body"]["messages"][0]["content"] == "bad" for p in server.posts) == 3  # 1 try + 2 retries
 
 
+def test_a_server_gone_for_the_whole_batch_stops_the_run(serve):
+    """Connection refused on every row is no row's fault: an error, not a batch of silent fallbacks."""
+    server = serve()
+    oracle = oracle_for(server, max_retries=1)
+    server.close()
+    with pytest.raises(RuntimeError, match="unreachable"):
+        oracle.generate([PROMPT, PROMPT], SETTINGS)
+
+
 PAIRS = [{"instruction": f"Explain idea number {i} of photosynthesis.", "output": f"Idea {i} is about light."}
          for i in range(8)]
 PAIRS[5]["instruction"] = "OVERLONG " + PAIRS[5]["instruction"]
@@ -304,8 +315,14 @@ def test_http_identity_follows_what_the_server_reports(serve, oracle_path):
                 identity_for(None, "m", base_url=other_context.url), identity_for(None, "n", base_url=other_name.url),
                 identity_for(oracle_path, "m", base_url=a.url)}) == 5  # /completions with a local template
     assert OpenAIHTTPOracle(None, base_url=a.url, served_model="m").identity == chat
-    with pytest.raises(ValueError, match=r"serves \['m'\], not 'x'"):
-        identity_for(None, "x", base_url=a.url)
+
+
+def test_a_model_the_server_does_not_list_is_named_in_a_warning(serve, caplog):
+    """`transformers serve` loads any model it is asked for but lists only its hub cache: not an error."""
+    server = serve(models=[{"id": "m", "root": "/weights/a"}])
+    identity = identity_for(None, "x", base_url=server.url)
+    assert identity.startswith("openai-http:x:") and identity != identity_for(None, "m", base_url=server.url)
+    assert "does not list 'x'" in caplog.text
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,9 @@ def describe_server(client: httpx.Client, served_model: str | None) -> dict:
                            f"({type(err).__name__}); start it, or check oracle_base_url") from None
     if response.status_code in (401, 403):
         raise RuntimeError(f"the oracle server at {where} refused the API key: HTTP {response.status_code}")
+    if response.status_code in RETRYABLE_STATUS:  # a name-only identity now would change every cache key
+        raise RuntimeError(f"the oracle server at {where} is not ready to say what it serves: HTTP "
+                           f"{response.status_code}; start the run when it is")
     try:
         models = response.json()["data"] if response.status_code == 200 else None
     except (ValueError, KeyError, TypeError):
@@ -102,9 +105,13 @@ def describe_server(client: httpx.Client, served_model: str | None) -> dict:
     entries = {m.get("id"): m for m in models if isinstance(m, dict)}
     if served_model is None and len(entries) == 1:
         served_model = next(iter(entries))
-    if served_model not in entries:
-        raise ValueError(f"the oracle server at {where} serves {sorted(map(str, entries))}, not {served_model!r}; "
-                         "set oracle_served_model to one of them")
+    if not served_model:
+        raise ValueError(f"the oracle server at {where} serves {sorted(map(str, entries))}: set oracle_served_model "
+                         "to one of them")
+    if served_model not in entries:  # `transformers serve` loads any model asked for, and lists only its hub cache
+        logger.warning("oracle server at %s does not list %r (it lists %s): its identity is the name alone", where,
+                       served_model, sorted(map(str, entries))[:10])
+        return {"id": served_model}
     return {k: entries[served_model][k] for k in _MODEL_FIELDS if entries[served_model].get(k) is not None}
 
 
@@ -120,9 +127,11 @@ def _tokenizer(model_path: str | None):
 def _identity(model: dict, tokenizer, structured_output_api: str) -> str:
     template = None
     if tokenizer is not None:
-        template = hashlib.sha256(
-            tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True).encode()
-        ).hexdigest()
+        try:
+            rendered = tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 — templates that refuse a system turn (Gemma's) raise their own errors
+            rendered = tokenizer.apply_chat_template(_PROBE[1:], tokenize=False, add_generation_prompt=True)
+        template = hashlib.sha256(rendered.encode()).hexdigest()
     what = {"model": model, "endpoint": "completions" if tokenizer is not None else "chat/completions",
             "chat_template": template}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -186,7 +195,7 @@ class OpenAIHTTPOracle:
                                  requests))
         self.tokens_generated += sum(n for _, n in done)
         results = [g for g, _ in done]
-        if len(results) > 1 and all(g.error == "oracle_error:connect" for g in results):
+        if results and all(g.error == "oracle_error:connect" for g in results):
             raise RuntimeError(f"the oracle server at {self.where} is unreachable: every request of the batch failed "
                                f"{self.max_retries + 1} times to connect")
         return results
