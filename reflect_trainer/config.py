@@ -159,7 +159,9 @@ class ReflectionConfig:
     oracle_quantization: str = field(default="auto", metadata={"help": "auto, nf4, int8 or none."})
     oracle_device: str | None = field(default=None, metadata={"help": "Oracle device; None: auto."})
     oracle_batch_size: int = field(default=16, metadata={"help": "Most prompts per generate call."})
-    oracle_base_url: str | None = field(default=None, metadata={"help": "openai engine: server URL with /v1."})
+    # repr=False: a URL may carry credentials (user:pass@), and configs are logged.
+    oracle_base_url: str | None = field(default=None, repr=False,
+                                        metadata={"help": "openai engine: server URL with /v1."})
     oracle_served_model: str | None = field(default=None, metadata={"help": "openai engine: served model name."})
     oracle_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai engine: API key variable."})
     oracle_concurrency: int = field(default=8, metadata={"help": "openai engine: requests in flight."})

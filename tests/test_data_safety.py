@@ -149,3 +149,10 @@ def test_cli_export_leaves_out_rows_the_selection_rule_dropped(tmp_path, monkeyp
     assert all(r["selected_version"] == "a" and r["completion"][0]["content"].startswith("Step") for r in exported)
     everything = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
     assert [r["skip_reason"] for r in everything] == ["dropped_by_selection", None, "dropped_by_selection", None]
+
+
+def test_config_repr_never_shows_credentials_in_the_oracle_url():
+    from reflect_trainer import ReflectionConfig
+
+    config = ReflectionConfig(oracle_engine="openai", oracle_base_url="http://user:s3cret@127.0.0.1:9/v1")
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
