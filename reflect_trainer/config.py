@@ -131,6 +131,10 @@ class ReflectionConfig:
 
         cache_dir (`str`, *optional*, defaults to `"reflect_cache"`):
             Persistent cache shared by all processes and reruns. Safe on network filesystems.
+        claim_lease_seconds (`float`, *optional*, defaults to `60.0`):
+            A row being generated is claimed by a lease that its owner renews (heartbeat) every quarter of this. A
+            claim whose owner is provably dead on this machine is taken over at once; otherwise after this long
+            without a heartbeat (a crashed host, another container).
         on_bad_row (`str`, *optional*, defaults to `"error"`):
             `"error"` stops before any work at the first bad row, naming it; `"skip"` drops bad rows, logged and
             counted.
@@ -194,6 +198,7 @@ class ReflectionConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus mass when sampling."})
     oracle_seed: int = field(default=0, metadata={"help": "Oracle sampling seed."})
     cache_dir: str = field(default="reflect_cache", metadata={"help": "Persistent cache folder."})
+    claim_lease_seconds: float = field(default=60.0, metadata={"help": "Lease of a claimed row without heartbeat."})
     on_bad_row: str = field(default="error", metadata={"help": "error or skip."})
     max_field_chars: int = field(default=20_000, metadata={"help": "Longer fields are bad rows."})
     progress_bar: bool = field(default=True, metadata={"help": "Show a progress bar."})
@@ -220,6 +225,8 @@ class ReflectionConfig:
             )
         if self.oracle_sleep_level not in (0, 1, 2):
             raise ValueError(f"oracle_sleep_level must be 0, 1 or 2, got {self.oracle_sleep_level}")
+        if self.claim_lease_seconds <= 0:
+            raise ValueError(f"claim_lease_seconds must be > 0, got {self.claim_lease_seconds}")
         if self.length_budget_ratio < 0 or self.min_length_ratio < 0 or self.loop_ngram < 0:
             raise ValueError("length_budget_ratio, min_length_ratio and loop_ngram must be >= 0")
         if self.on_bad_row not in ("error", "skip"):

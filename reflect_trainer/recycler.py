@@ -212,7 +212,7 @@ class Recycler:
             "selective": (INSTRUCTION_REFLECTION, RESPONSE_REFLECTION),
         }[self.config.mode]
         self.columns = RECYCLED_COLUMNS + (SELECTION_COLUMNS if self.config.mode == "selective" else ())
-        self.cache = RecycleCache(self.config.cache_dir)
+        self.cache = RecycleCache(self.config.cache_dir, claim_lease_seconds=self.config.claim_lease_seconds)
         self._stats = RecycleStats()
         self._progress = None
         self.expected_rows: int | None = None  # for the progress bar, when known
