@@ -32,7 +32,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .chat import ensure_chat_template
 from .config import ReflectionConfig
-from .exchange import TEXT, alpaca_conversation, exchange, training_format, with_recycled
+from .exchange import alpaca_conversation, exchange, training_format, with_recycled
 from .export import DROPPED_BY_SELECTION
 from .formats import ALPACA, BadRowError
 from .oracles import Oracle

@@ -118,8 +118,8 @@ def messages_single(n=10):
 
 
 def messages_multiturn_tools(n=10):
-    tools = json.dumps([{"type": "function", "function": {"name": "add", "description": "Add two numbers",
-                                                         "parameters": {"type": "object", "properties": {}}}}])
+    add = {"name": "add", "description": "Add two numbers", "parameters": {"type": "object", "properties": {}}}
+    tools = json.dumps([{"type": "function", "function": add}])
     rows = []
     for i in range(n):
         q, a = qa(i)
@@ -142,9 +142,9 @@ def prompt_completion_strings(n=10, long_prompts=0):
 
 
 def prompt_completion_conversations(n=10):
-    return Dataset.from_list([{"prompt": [{"role": "system", "content": "Be precise. " * 4},
-                                          {"role": "user", "content": q}],
-                               "completion": [{"role": "assistant", "content": a}]} for q, a in map(qa, range(n))])
+    return Dataset.from_list([
+        {"prompt": [{"role": "system", "content": "Be precise. " * 4}, {"role": "user", "content": q}],
+         "completion": [{"role": "assistant", "content": a}]} for q, a in map(qa, range(n))])
 
 
 def text_rows(n=10):
@@ -221,12 +221,14 @@ def test_training_arguments_eval_dict_group_by_length_and_drop_last_behave_as_in
     theirs = train(SFTTrainer, student, fresh_tokenizer(oracle_path), args, data, eval_dataset=evals)
     assert ours["steps"] == STEPS
     assert_same_training(ours, theirs, case)
+
     def measured(metrics):  # timings differ between any two runs
         return {k: v for k, v in metrics.items() if "runtime" not in k and "per_second" not in k}
 
     assert measured(ours["trainer"].evaluate()) == measured(theirs["trainer"].evaluate())
     raw = messages_single(3)
-    assert measured(ours["trainer"].evaluate(eval_dataset=raw)) == measured(theirs["trainer"].evaluate(eval_dataset=raw))
+    ours_raw, theirs_raw = ours["trainer"].evaluate(eval_dataset=raw), theirs["trainer"].evaluate(eval_dataset=raw)
+    assert measured(ours_raw) == measured(theirs_raw)
 
 
 def test_packing_is_refused_with_the_reason(tmp_path, oracle_path):
@@ -247,8 +249,8 @@ def test_max_steps_export_holds_only_rows_trained_and_the_rest_is_recycled_on_re
     compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *a, **k):  # test instrument
-        seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in zip(inputs["input_ids"],
-                                                                         inputs["attention_mask"]))
+        rows = zip(inputs["input_ids"], inputs["attention_mask"])
+        seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
         return compute_loss(model, inputs, *a, **k)
 
     trainer.compute_loss = recording_compute_loss
