@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -419,6 +420,21 @@ class ReflectionSFTTrainer(SFTTrainer):
         for row in inputs.pop(ROW, ()):
             self._trained.setdefault(row, True)
         return super().training_step(model, inputs, *args, **kwargs)
+
+    # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list.
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with open(os.path.join(folder, f"reflect_trained-{self.accelerator.process_index}.json"), "w") as f:
+            json.dump(list(self._trained), f)
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint or "", f"reflect_trained-{self.accelerator.process_index}.json")
+        if checkpoint is not None and os.path.isfile(path):
+            with open(path) as f:
+                for row in json.load(f):
+                    self._trained.setdefault(row, True)
 
     # ---- streamed data ---------------------------------------------------------------------------------------
     def _recycle_stream_rows(self, batch: dict[str, list]) -> dict[str, list]:

@@ -21,7 +21,7 @@ def main(out: Path) -> None:
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(5)]
     stream = Dataset.from_list(rows).to_iterable_dataset().shuffle(seed=0, buffer_size=5)
-    args = SFTConfig(output_dir=str(out / "run"), max_steps=2, per_device_train_batch_size=1,
+    args = SFTConfig(output_dir=str(out / "run"), max_steps=3, per_device_train_batch_size=1,
                      gradient_accumulation_steps=2, max_length=64, logging_steps=1, save_strategy="no",
                      report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(path)

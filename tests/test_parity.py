@@ -312,10 +312,11 @@ def test_two_ranks_on_a_five_row_stream_finish_in_step_and_reshuffle_each_pass(t
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE.parent)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    # max_steps=2 honoured on both ranks, with as many micro-batches on each (a pass is 3 per rank: accelerate pads
-    # rank 1's share; the Trainer ends an epoch when the stream runs out), past the first pass
-    assert [r["global_step"] for r in ranks] == [2, 2]
-    assert len(ranks[0]["trained"]) == len(ranks[1]["trained"]) == 6
+    # max_steps=3 honoured on both ranks, with as many micro-batches on each: a pass is 3 per rank (accelerate pads
+    # rank 1's share), one optimizer step of 2 and the pass's last micro-batch (the Trainer ends the epoch when the
+    # stream runs out), so 3 + 3 + 2, past two passes.
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert len(ranks[0]["trained"]) == len(ranks[1]["trained"]) == 8
     # Each pass of the stream is reshuffled: the rows of pass 1 and of pass 2 (rank 0 takes positions 0, 2, 4 of
     # a pass, rank 1 positions 1, 3 and pads with 0) come in different orders, and pass 1 covers every row.
     passes = [[ranks[i % 2]["trained"][p * 3 + i // 2] for i in range(5)] for p in (0, 1)]
