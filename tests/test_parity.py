@@ -323,3 +323,32 @@ def test_two_ranks_on_a_five_row_stream_finish_in_step_and_reshuffle_each_pass(t
     assert passes[0] != passes[1]
     assert sorted(passes[0]) == sorted(passes[1]) == sorted(ranks[0]["all"])
     assert all(r["exported"] == 5 for r in ranks)  # rows trained by either rank
+
+
+def test_export_after_resuming_from_a_checkpoint_holds_the_rows_trained_before_and_after(
+        tmp_path, student, oracle_path):
+    def run(max_steps, **train_kwargs):
+        trainer = ReflectionSFTTrainer(
+            model=cheap_copy(student), args=config(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2),
+            train_dataset=messages_single(10), processing_class=fresh_tokenizer(oracle_path), oracle=noop_oracle(),
+            reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), buffer_batches=2,
+                                               progress_bar=False, template_set="compact"))
+        seen = []
+        compute_loss = trainer.compute_loss
+
+        def recording_compute_loss(model, inputs, *a, **k):  # test instrument
+            rows = zip(inputs["input_ids"], inputs["attention_mask"])
+            seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
+            return compute_loss(model, inputs, *a, **k)
+
+        trainer.compute_loss = recording_compute_loss
+        trainer.train(**train_kwargs)
+        return trainer, seen
+
+    _, before = run(2)  # stops after checkpoint-2, as a crash right after it would
+    resumed, after = run(3, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert len(before) == 4 and len(after) == 2
+    exported = resumed.recycled_dataset()
+    plain = SFTTrainer(model=resumed.model, args=config(tmp_path / "plain"), train_dataset=exported,
+                       processing_class=fresh_tokenizer(oracle_path))
+    assert sorted(tuple(x) for x in plain.train_dataset["input_ids"]) == sorted(before + after)
