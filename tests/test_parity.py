@@ -352,3 +352,29 @@ def test_export_after_resuming_from_a_checkpoint_holds_the_rows_trained_before_a
     plain = SFTTrainer(model=resumed.model, args=config(tmp_path / "plain"), train_dataset=exported,
                        processing_class=fresh_tokenizer(oracle_path))
     assert sorted(tuple(x) for x in plain.train_dataset["input_ids"]) == sorted(before + after)
+
+
+def long_demands(conversation):
+    """Scripted instruction reflection whose new instruction is far longer than max_length (accepted by the parser:
+    varied words, no loop)."""
+    if conversation[-2]["content"].startswith("Make this request more demanding"):
+        words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
+        return " explain every step and mention " + ", ".join(f"{a} {b}" for a, b in zip(words, words[::-1])) + "."
+    return "Add the two numbers: the sum is written out step by step, with the carry shown at the end."
+
+
+def test_recycled_row_left_without_trainable_tokens_trains_as_its_original(tmp_path, student, oracle_path):
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": q}],
+                               "completion": [{"role": "assistant", "content": a}]} for q, a in map(qa, range(4))])
+    args = config(tmp_path, max_length=40)  # the originals fit; the recycled prompts alone exceed 40 tokens
+    ours = train(ReflectionSFTTrainer, student, fresh_tokenizer(oracle_path), args, data,
+                 oracle=ScriptedOracle(long_demands), reflection_config=ReflectionConfig(
+                     cache_dir=str(tmp_path / "cache"), mode="instruction", buffer_batches=2, progress_bar=False,
+                     template_set="compact"))
+    stats = ours["trainer"].recycling_stats()
+    assert stats["instruction_reflection/accepted"] == 4  # the oracle's rewrites were accepted...
+    assert stats["rows_fully_masked_fallback"] == 4  # ...but TRL's truncation left them nothing to learn
+    exported = ours["trainer"].recycled_dataset()
+    assert exported["trained_version"] == ["original"] * 4 and exported["prompt"] == data["prompt"]
+    theirs = train(SFTTrainer, student, fresh_tokenizer(oracle_path), args, data)
+    assert_same_training(ours, theirs, "prompt_completion_conversations-recycled_row_fully_masked")
