@@ -146,8 +146,6 @@ class ReflectionSFTTrainer(SFTTrainer):
         self._fmt = training_format(first.keys(), args.dataset_text_field, self._formatting_func)
         # SFTTrainer has no Alpaca format: without a formatting_func, Alpaca rows train as prompt/completion.
         self._alpaca_conversation = self._fmt == ALPACA and self._formatting_func is None
-        if self._alpaca_conversation and processing_class is not None:
-            ensure_chat_template(getattr(processing_class, "tokenizer", processing_class))
         self._skipped: list[BadRowError] = []
         self._live = False  # streams: the recycling transform passes rows through until training starts
         if self._streaming:
@@ -156,6 +154,14 @@ class ReflectionSFTTrainer(SFTTrainer):
             train_dataset = train_dataset.map(self._recycle_stream_rows, batched=True, batch_size=buffer_rows)
         else:
             train_dataset = self._indexed_source(train_dataset, config)
+        if self._alpaca_conversation:
+            if processing_class is None:  # loaded as SFTTrainer would, to give a base model a template first
+                from transformers import AutoProcessor
+                from trl.trainer.utils import get_config_model_id
+
+                name = model if isinstance(model, str) else get_config_model_id(model.config)
+                processing_class = AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            ensure_chat_template(getattr(processing_class, "tokenizer", processing_class))
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=self._trl_rows(eval_dataset), processing_class=processing_class, **kwargs)
         self.data_collator = _RecyclingCollator(self.data_collator, self)
