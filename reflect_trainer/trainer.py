@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -32,7 +33,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .chat import ensure_chat_template
 from .config import ReflectionConfig
-from .exchange import TEXT, alpaca_conversation, exchange, training_format, with_recycled
+from .exchange import alpaca_conversation, exchange, training_format, with_recycled
 from .export import DROPPED_BY_SELECTION
 from .formats import ALPACA, BadRowError
 from .oracles import Oracle
@@ -145,8 +146,6 @@ class ReflectionSFTTrainer(SFTTrainer):
         self._fmt = training_format(first.keys(), args.dataset_text_field, self._formatting_func)
         # SFTTrainer has no Alpaca format: without a formatting_func, Alpaca rows train as prompt/completion.
         self._alpaca_conversation = self._fmt == ALPACA and self._formatting_func is None
-        if self._alpaca_conversation and processing_class is not None:
-            ensure_chat_template(getattr(processing_class, "tokenizer", processing_class))
         self._skipped: list[BadRowError] = []
         self._live = False  # streams: the recycling transform passes rows through until training starts
         if self._streaming:
@@ -155,6 +154,14 @@ class ReflectionSFTTrainer(SFTTrainer):
             train_dataset = train_dataset.map(self._recycle_stream_rows, batched=True, batch_size=buffer_rows)
         else:
             train_dataset = self._indexed_source(train_dataset, config)
+        if self._alpaca_conversation:
+            if processing_class is None:  # loaded as SFTTrainer would, to give a base model a template first
+                from transformers import AutoProcessor
+                from trl.trainer.utils import get_config_model_id
+
+                name = model if isinstance(model, str) else get_config_model_id(model.config)
+                processing_class = AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            ensure_chat_template(getattr(processing_class, "tokenizer", processing_class))
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=self._trl_rows(eval_dataset), processing_class=processing_class, **kwargs)
         self.data_collator = _RecyclingCollator(self.data_collator, self)
@@ -419,6 +426,21 @@ class ReflectionSFTTrainer(SFTTrainer):
         for row in inputs.pop(ROW, ()):
             self._trained.setdefault(row, True)
         return super().training_step(model, inputs, *args, **kwargs)
+
+    # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list.
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        with open(os.path.join(folder, f"reflect_trained-{self.accelerator.process_index}.json"), "w") as f:
+            json.dump(list(self._trained), f)
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        path = os.path.join(checkpoint or "", f"reflect_trained-{self.accelerator.process_index}.json")
+        if checkpoint is not None and os.path.isfile(path):
+            with open(path) as f:
+                for row in json.load(f):
+                    self._trained.setdefault(row, True)
 
     # ---- streamed data ---------------------------------------------------------------------------------------
     def _recycle_stream_rows(self, batch: dict[str, list]) -> dict[str, list]:

@@ -21,12 +21,15 @@ def main(out: Path) -> None:
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(5)]
     stream = Dataset.from_list(rows).to_iterable_dataset().shuffle(seed=0, buffer_size=5)
-    args = SFTConfig(output_dir=str(out / "run"), max_steps=4, per_device_train_batch_size=1,
+    args = SFTConfig(output_dir=str(out / "run"), max_steps=3, per_device_train_batch_size=1,
                      gradient_accumulation_steps=2, max_length=64, logging_steps=1, save_strategy="no",
                      report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for name, parameter in model.named_parameters():  # cheap steps: only the final norm trains
+        parameter.requires_grad = name.startswith("model.norm")
     trainer = ReflectionSFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args=args, train_dataset=stream,
+        model=model, args=args, train_dataset=stream,
         processing_class=tokenizer, oracle=ScriptedOracle(lambda conversation: "ok"),
         reflection_config=ReflectionConfig(cache_dir=str(out / "cache"), mode="response", buffer_batches=2,
                                            progress_bar=False, template_set="compact"))

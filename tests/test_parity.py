@@ -59,17 +59,26 @@ def fresh_tokenizer(oracle_path):
 
 def config(tmp_path, cls=SFTConfig, **overrides):
     base = dict(output_dir=str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=2,
-                learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="no",
+                learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1, save_strategy="no",
                 report_to="none", use_cpu=True, seed=0)
     if cls is SFTConfig:  # TrainingArguments has no max_length: SFTTrainer's conversion gives the default, 1024
         base.update(bf16=False, gradient_checkpointing=False, max_length=64)
     return cls(**{**base, **overrides})
 
 
+def cheap_copy(student):
+    """The student with only its final norm trainable: the forward pass (what the loss is computed from) is the full
+    real model, the backward pass and optimizer step are cheap. Both trainers of a case get the same treatment."""
+    model = copy.deepcopy(student)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("model.norm")
+    return model
+
+
 def train(trainer_cls, student, tokenizer, args, data, **kwargs):
     """Train one epoch; return the trainer and what it fed the model, step by step."""
     lrs = LearningRates()
-    trainer = trainer_cls(model=copy.deepcopy(student), args=args, train_dataset=data, processing_class=tokenizer,
+    trainer = trainer_cls(model=cheap_copy(student), args=args, train_dataset=data, processing_class=tokenizer,
                           callbacks=[lrs], **kwargs)
     lrs.trainer = trainer
     fed, losses = [], []
@@ -109,8 +118,8 @@ def messages_single(n=10):
 
 
 def messages_multiturn_tools(n=10):
-    tools = json.dumps([{"type": "function", "function": {"name": "add", "description": "Add two numbers",
-                                                         "parameters": {"type": "object", "properties": {}}}}])
+    add = {"name": "add", "description": "Add two numbers", "parameters": {"type": "object", "properties": {}}}
+    tools = json.dumps([{"type": "function", "function": add}])
     rows = []
     for i in range(n):
         q, a = qa(i)
@@ -133,9 +142,9 @@ def prompt_completion_strings(n=10, long_prompts=0):
 
 
 def prompt_completion_conversations(n=10):
-    return Dataset.from_list([{"prompt": [{"role": "system", "content": "Be precise. " * 4},
-                                          {"role": "user", "content": q}],
-                               "completion": [{"role": "assistant", "content": a}]} for q, a in map(qa, range(n))])
+    return Dataset.from_list([
+        {"prompt": [{"role": "system", "content": "Be precise. " * 4}, {"role": "user", "content": q}],
+         "completion": [{"role": "assistant", "content": a}]} for q, a in map(qa, range(n))])
 
 
 def text_rows(n=10):
@@ -212,12 +221,14 @@ def test_training_arguments_eval_dict_group_by_length_and_drop_last_behave_as_in
     theirs = train(SFTTrainer, student, fresh_tokenizer(oracle_path), args, data, eval_dataset=evals)
     assert ours["steps"] == STEPS
     assert_same_training(ours, theirs, case)
+
     def measured(metrics):  # timings differ between any two runs
         return {k: v for k, v in metrics.items() if "runtime" not in k and "per_second" not in k}
 
     assert measured(ours["trainer"].evaluate()) == measured(theirs["trainer"].evaluate())
     raw = messages_single(3)
-    assert measured(ours["trainer"].evaluate(eval_dataset=raw)) == measured(theirs["trainer"].evaluate(eval_dataset=raw))
+    ours_raw, theirs_raw = ours["trainer"].evaluate(eval_dataset=raw), theirs["trainer"].evaluate(eval_dataset=raw)
+    assert measured(ours_raw) == measured(theirs_raw)
 
 
 def test_packing_is_refused_with_the_reason(tmp_path, oracle_path):
@@ -230,7 +241,7 @@ def test_max_steps_export_holds_only_rows_trained_and_the_rest_is_recycled_on_re
         tmp_path, student, oracle_path):
     data = messages_single(10)
     trainer = ReflectionSFTTrainer(
-        model=copy.deepcopy(student), args=config(tmp_path, max_steps=2), train_dataset=data,
+        model=cheap_copy(student), args=config(tmp_path, max_steps=2), train_dataset=data,
         processing_class=fresh_tokenizer(oracle_path), oracle=noop_oracle(),
         reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), buffer_batches=1, progress_bar=False,
                                            template_set="compact"))
@@ -238,8 +249,8 @@ def test_max_steps_export_holds_only_rows_trained_and_the_rest_is_recycled_on_re
     compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *a, **k):  # test instrument
-        seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in zip(inputs["input_ids"],
-                                                                         inputs["attention_mask"]))
+        rows = zip(inputs["input_ids"], inputs["attention_mask"])
+        seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
         return compute_loss(model, inputs, *a, **k)
 
     trainer.compute_loss = recording_compute_loss
@@ -282,7 +293,7 @@ def test_export_of_a_real_recycling_run_trains_plain_sfttrainer_on_the_same_toke
     changed = [r for r in exported if r["trained_version"] == "recycled" and r["response_reflection_fallback"] is None]
     assert changed, f"{case}: the oracle changed no row, so this run cannot show anything"
     # Plain SFTTrainer on the export, same options and seed: its loader's batches are what our run trained on.
-    plain = SFTTrainer(model=copy.deepcopy(student), args=config(tmp_path / "plain", **options),
+    plain = SFTTrainer(model=cheap_copy(student), args=config(tmp_path / "plain", **options),
                        train_dataset=exported, processing_class=fresh_tokenizer(oracle_path))
     batches = list(plain.get_train_dataloader())
     assert len(batches) == len(ours["fed"])
@@ -301,13 +312,69 @@ def test_two_ranks_on_a_five_row_stream_finish_in_step_and_reshuffle_each_pass(t
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE.parent)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    # max_steps=4 honoured on both ranks, with as many micro-batches on each (a pass is 3 per rank: accelerate pads
-    # rank 1's share), past the first pass
-    assert [r["global_step"] for r in ranks] == [4, 4]
-    assert len(ranks[0]["trained"]) == len(ranks[1]["trained"]) > 6
+    # max_steps=3 honoured on both ranks, with as many micro-batches on each: a pass is 3 per rank (accelerate pads
+    # rank 1's share), one optimizer step of 2 and the pass's last micro-batch (the Trainer ends the epoch when the
+    # stream runs out), so 3 + 3 + 2, past two passes.
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert len(ranks[0]["trained"]) == len(ranks[1]["trained"]) == 8
     # Each pass of the stream is reshuffled: the rows of pass 1 and of pass 2 (rank 0 takes positions 0, 2, 4 of
     # a pass, rank 1 positions 1, 3 and pads with 0) come in different orders, and pass 1 covers every row.
     passes = [[ranks[i % 2]["trained"][p * 3 + i // 2] for i in range(5)] for p in (0, 1)]
     assert passes[0] != passes[1]
     assert sorted(passes[0]) == sorted(passes[1]) == sorted(ranks[0]["all"])
     assert all(r["exported"] == 5 for r in ranks)  # rows trained by either rank
+
+
+def test_export_after_resuming_from_a_checkpoint_holds_the_rows_trained_before_and_after(
+        tmp_path, student, oracle_path):
+    def run(max_steps, **train_kwargs):
+        trainer = ReflectionSFTTrainer(
+            model=cheap_copy(student), args=config(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2),
+            train_dataset=messages_single(10), processing_class=fresh_tokenizer(oracle_path), oracle=noop_oracle(),
+            reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), buffer_batches=2,
+                                               progress_bar=False, template_set="compact"))
+        seen = []
+        compute_loss = trainer.compute_loss
+
+        def recording_compute_loss(model, inputs, *a, **k):  # test instrument
+            rows = zip(inputs["input_ids"], inputs["attention_mask"])
+            seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
+            return compute_loss(model, inputs, *a, **k)
+
+        trainer.compute_loss = recording_compute_loss
+        trainer.train(**train_kwargs)
+        return trainer, seen
+
+    _, before = run(2)  # stops after checkpoint-2, as a crash right after it would
+    resumed, after = run(3, resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert len(before) == 4 and len(after) == 2
+    exported = resumed.recycled_dataset()
+    plain = SFTTrainer(model=resumed.model, args=config(tmp_path / "plain"), train_dataset=exported,
+                       processing_class=fresh_tokenizer(oracle_path))
+    assert sorted(tuple(x) for x in plain.train_dataset["input_ids"]) == sorted(before + after)
+
+
+def long_demands(conversation):
+    """Scripted instruction reflection whose new instruction is far longer than max_length (accepted by the parser:
+    varied words, no loop)."""
+    if conversation[-2]["content"].startswith("Make this request more demanding"):
+        words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
+        return " explain every step and mention " + ", ".join(f"{a} {b}" for a, b in zip(words, words[::-1])) + "."
+    return "Add the two numbers: the sum is written out step by step, with the carry shown at the end."
+
+
+def test_recycled_row_left_without_trainable_tokens_trains_as_its_original(tmp_path, student, oracle_path):
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": q}],
+                               "completion": [{"role": "assistant", "content": a}]} for q, a in map(qa, range(4))])
+    args = config(tmp_path, max_length=40)  # the originals fit; the recycled prompts alone exceed 40 tokens
+    ours = train(ReflectionSFTTrainer, student, fresh_tokenizer(oracle_path), args, data,
+                 oracle=ScriptedOracle(long_demands), reflection_config=ReflectionConfig(
+                     cache_dir=str(tmp_path / "cache"), mode="instruction", buffer_batches=2, progress_bar=False,
+                     template_set="compact"))
+    stats = ours["trainer"].recycling_stats()
+    assert stats["instruction_reflection/accepted"] == 4  # the oracle's rewrites were accepted...
+    assert stats["rows_fully_masked_fallback"] == 4  # ...but TRL's truncation left them nothing to learn
+    exported = ours["trainer"].recycled_dataset()
+    assert exported["trained_version"] == ["original"] * 4 and exported["prompt"] == data["prompt"]
+    theirs = train(SFTTrainer, student, fresh_tokenizer(oracle_path), args, data)
+    assert_same_training(ours, theirs, "prompt_completion_conversations-recycled_row_fully_masked")

@@ -79,8 +79,8 @@ def test_training_with_selection_exports_choices_and_scores_for_every_row(select
         # The recycled (trained-on) pair is the chosen version, and the choice follows the rule from the scores.
         scores = {v: PairScores(row[f"ifd_{v}"], row[f"rifd_{v}"]) for v in VERSIONS}
         assert select_version(scores) == row["selected_version"]
-        chosen = {"original": (row["instruction"], row["output"]), "q": (row["reflected_instruction"],
-                  row["reflected_output"]), "a": (row["instruction"], row["a_output"]),
+        chosen = {"original": (row["original_instruction"], row["original_output"]), "q": (row["reflected_instruction"],
+                  row["reflected_output"]), "a": (row["original_instruction"], row["a_output"]),
                   "qa": (row["reflected_instruction"], row["qa_output"])}[row["selected_version"]]
         assert (row["recycled_instruction"], row["recycled_output"]) == chosen
         assert row["completion"] == [{"role": "assistant", "content": row["recycled_output"]}]
