@@ -1,14 +1,15 @@
 """B10: what "accepted" means, before and after the acceptance gates, on the same oracle outputs.
 
-Recycles real AlpacaEval pairs with the embedded oracle once, then reads the *same cached outputs* twice: with every
-gate off (how acceptance worked before: parsed and not degenerate) and with the default gates. Because gates run on
-read, the two columns differ only in what is accepted. Printed per phase: accepted, each fallback reason, accepted
-rewrites that end mid-sentence, and the median length ratio (words of the accepted rewrite / words of the text it
-replaces). ``--budgets fixed`` reproduces the old fixed budget (``max_new_tokens`` for every step);
+Recycles real AlpacaEval pairs with the embedded oracle with every gate off (how acceptance worked before: parsed and
+not degenerate), then reads the same cache with the default gates. Gates run on read, so every output is the same
+cached text; the only new generations are in ``both`` mode, where an instruction rewrite the gates now reject sends
+response reflection to the original pair instead (a prompt not generated before). Printed per phase: accepted,
+each fallback reason, accepted rewrites that end mid-sentence, and the median length ratio (words of the accepted
+rewrite / words of the text it replaces). ``--budgets fixed`` reproduces the old fixed budget (``max_new_tokens`` for every step);
 ``--budgets length`` (default) gives each answer-writing step a budget that follows the answer it rewrites.
 
-    python benchmarks/b10_acceptance.py --pairs 32                          # the old demo's data (first 32 pairs)
-    python benchmarks/b10_acceptance.py --pairs 32 --max-answer-words 30    # the demo's data now
+    python benchmarks/b10_acceptance.py --pairs 32 --budgets fixed --quantization nf4   # the old demo (first 32 pairs)
+    python benchmarks/b10_acceptance.py --pairs 32 --max-answer-words 30 --max-new-tokens 256 --quantization none
 """
 
 from __future__ import annotations
