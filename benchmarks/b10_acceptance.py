@@ -5,11 +5,13 @@ not degenerate), then reads the same cache with the default gates. Gates run on 
 cached text; the only new generations are in ``both`` mode, where an instruction rewrite the gates now reject sends
 response reflection to the original pair instead (a prompt not generated before). Printed per phase: accepted,
 each fallback reason, accepted rewrites that end mid-sentence, and the median length ratio (words of the accepted
-rewrite / words of the text it replaces). ``--budgets fixed`` reproduces the old fixed budget (``max_new_tokens`` for every step);
-``--budgets length`` (default) gives each answer-writing step a budget that follows the answer it rewrites.
+rewrite / words of the text it replaces). ``--budgets fixed`` reproduces the old fixed budget (``max_new_tokens``
+for every step); ``--budgets length`` (default) gives each answer-writing step a budget that follows the answer
+it rewrites.
 
-    python benchmarks/b10_acceptance.py --pairs 32 --budgets fixed --quantization nf4   # the old demo (first 32 pairs)
-    python benchmarks/b10_acceptance.py --pairs 32 --max-answer-words 30 --max-new-tokens 256 --quantization none
+    python benchmarks/b10_acceptance.py --pairs 32 --budgets fixed --quantization nf4       # the old demo's pairs
+    python benchmarks/b10_acceptance.py --pairs 32 --max-answer-words 30 --max-new-tokens 256 \
+        --quantization none                                                                 # the demo's pairs now
 """
 
 from __future__ import annotations
