@@ -323,7 +323,6 @@ class Recycler:
             for outcome, selection in zip(outcomes, self._select(pairs, outcomes)):
                 outcome["selection"] = selection
         self._stats.rows_recycled += len(pairs)
-        self._tick(len(pairs))
 
     def _run_phases(self, pairs: list[Pair]) -> list[dict[str, Any]]:
         self._stats.rows_seen += len(pairs)
@@ -390,18 +389,28 @@ class Recycler:
         records = {k: self.cache.get(k) for k in keys if k not in computed}
         return [computed.get(k) or PairScores(records[k]["ifd"], records[k]["reverse_ifd"]) for k in keys]
 
+    def _steps_per_pair(self) -> int:
+        """Oracle steps one pair goes through (selective mode reflects two answers per pair)."""
+        instruction = len(self.templates[INSTRUCTION_REFLECTION].steps) if INSTRUCTION_REFLECTION in self.phases else 0
+        response = len(self.templates[RESPONSE_REFLECTION].steps) if RESPONSE_REFLECTION in self.phases else 0
+        return instruction + response * (2 if self.config.mode == "selective" else 1)
+
     def _open_progress(self) -> None:
+        # The bar counts pair-steps (one pair through one template step), so it moves after every oracle call of a
+        # buffer, not once per buffer (minutes apart on a CPU), and tqdm's ETA is there from the first call.
         if self.config.progress_bar and self._progress is None:
             from tqdm.auto import tqdm
 
-            self._progress = tqdm(total=self.expected_rows, desc="recycling", unit="pair", dynamic_ncols=True)
+            total = self.expected_rows * self._steps_per_pair() if self.expected_rows is not None else None
+            self._progress = tqdm(total=total, desc="recycling", unit="step", dynamic_ncols=True)
 
-    def _tick(self, n: int) -> None:
-        if self._progress is None:
+    def _tick(self, pair_steps: int) -> None:
+        if self._progress is None or not pair_steps:
             return
-        self._progress.update(n)
+        self._progress.update(pair_steps)
         s = self._stats
-        self._progress.set_postfix(hits=s.cache_hits, oracle_tok=s.oracle_tokens, refresh=False)
+        self._progress.set_postfix(pairs=s.rows_recycled, hits=s.cache_hits, oracle_tok=s.oracle_tokens,
+                                   refresh=False)
 
     # ---- one phase -------------------------------------------------------------------------------------------
     def _run_phase(self, template: ReflectionTemplate, inputs: list[Pair],
@@ -418,6 +427,7 @@ class Recycler:
             prompts = {i: self._step_prompt(template, step, fields[i]) for i in alive}
             records = self._generate_by_budget(template, step, {i: prompts[i][0] for i in alive},
                                                {i: self._budget(step, fields[i]) for i in alive})
+            self._tick(len(alive))
             for i in alive:
                 conversation, prefill_section, prefill_body = prompts[i]
                 record = records[i]
@@ -451,6 +461,7 @@ class Recycler:
                         fields[i]["input"] = ""  # the new instruction is self-contained (input merged in)
                 else:
                     reasons[i] = parsed.reason
+        self._tick(sum(len(template.steps) - len(raws[i]) for i in range(len(inputs))))  # steps a fallback skipped
         outcomes = []
         for i, pair in enumerate(inputs):
             reason, phase = reasons[i], labels[i]
@@ -590,6 +601,7 @@ class Recycler:
         if report.skipped:
             dataset = dataset.select(report.valid_indices)
         self.expected_rows = len(dataset)
+        started = time.perf_counter()
         columns: dict[str, list] = {}
         for start in range(0, len(dataset), batch_size):
             indices = report.valid_indices[start : start + batch_size]
@@ -597,7 +609,7 @@ class Recycler:
             for k, v in out.items():
                 columns.setdefault(k, []).extend(v)
         self.close_progress()
-        self.log_summary()
+        self.log_summary(time.perf_counter() - started)
         if not columns:  # no usable row: an empty data set with the columns it would have had
             columns = {name: [] for name in dict.fromkeys([*dataset.column_names, *self.columns])}
         return Dataset.from_dict(columns)
@@ -607,8 +619,12 @@ class Recycler:
             self._progress.close()
             self._progress = None
 
-    def log_summary(self) -> None:
+    def log_summary(self, seconds: float | None = None) -> None:
+        """Log accept rates per phase, fallback reasons, oracle throughput (and pairs/s over ``seconds``)."""
         s = self.stats()
+        if seconds:
+            logger.info("recycled %d pairs in %.0f s: %.3f pairs/s", s["rows_recycled"], seconds,
+                        s["rows_recycled"] / seconds)
         for phase in self.phases:
             if f"{phase}/parse_rate" in s:
                 logger.info(

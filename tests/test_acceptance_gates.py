@@ -255,3 +255,29 @@ def test_inspect_prints_whole_rewrites_and_how_the_oracle_stopped(tmp_path, caps
     shown = capsys.readouterr().out
     assert f"AFTER  A: {LONGER}\n" in shown  # in full, never shortened with "…"
     assert "response_reflection: accepted (oracle stopped: stop)" in shown
+
+
+def test_progress_bar_moves_after_every_oracle_step_not_once_per_buffer(tmp_path, monkeypatch):
+    import tqdm.auto
+    from datasets import Dataset
+
+    updates = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def update(self, n=1):
+            updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+
+    def script(conversation):
+        if conversation[-1]["content"].startswith("[New Instruction]"):
+            return Generation(" give two examples.", "stop")
+        return Generation(LONGER, "stop")
+
+    recycler = Recycler(ReflectionConfig(cache_dir=str(tmp_path), mode="both", template_set="compact"),
+                        oracle=ScriptedOracle(script))
+    recycler.recycle_dataset(Dataset.from_list([ORIGINAL] * 3), batch_size=3)
+    # compact `both`: 2 instruction steps + 1 response step per pair, each advancing the bar by the batch's 3 pairs
+    assert updates == [3, 3, 3]
+    assert recycler._progress is None and sum(updates) == 3 * recycler._steps_per_pair()
