@@ -287,6 +287,8 @@ class ReflectionSFTTrainer(SFTTrainer):
             self._batches = None if positions is None else [[self._position_row[p] for p in b] for b in positions]
             self._batches_of, self._cursor = order, 0
             self._share_left = {r for b in self._batches or () for r in b if r not in self._prepared}
+            if self.recycler.expected_rows is None and self._share_left:
+                self.recycler.expected_rows = len(self._share_left)  # the progress bar's total, with an ETA
         return self._batches if order is not None else None
 
     def _features_for(self, rows: list, features: list[dict]) -> list[dict]:
