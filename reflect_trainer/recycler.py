@@ -11,6 +11,7 @@ Use it on its own::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -31,6 +32,7 @@ from .oracles import (
     as_generation,
     load_oracle,
     oracle_identity,
+    resolve_engine,
     resolve_quantization,
 )
 from .parsing import (
@@ -182,6 +184,12 @@ class Recycler:
         scorer=None,
     ):
         self.config = config or ReflectionConfig()
+        engine, why = resolve_engine(self.config.oracle_engine, self.config.oracle_model_path,
+                                     self.config.oracle_device, self.config.oracle_base_url)
+        if engine != self.config.oracle_engine:
+            if oracle is None:
+                logger.info("oracle engine: %s (%s)", engine, why)
+            self.config = dataclasses.replace(self.config, oracle_engine=engine)
         if self.config.mode == "selective" and scorer is None:
             raise ValueError(
                 "mode='selective' needs the student to score the versions of each pair: use ReflectionSFTTrainer, "

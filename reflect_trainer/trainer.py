@@ -36,7 +36,7 @@ from .config import ReflectionConfig
 from .exchange import alpaca_conversation, exchange, training_format, with_recycled
 from .export import DROPPED_BY_SELECTION
 from .formats import ALPACA, BadRowError
-from .oracles import Oracle
+from .oracles import Oracle, resolve_engine
 from .recycler import Recycler
 from .sampling import loader_sampler, rank_batches, record_order
 from .selection import StudentScorer
@@ -171,6 +171,12 @@ class ReflectionSFTTrainer(SFTTrainer):
         self.reflection_config = copy.copy(config)
         self.reflection_config.oracle_device = device or "cpu"
         self.reflection_config.progress_bar = config.progress_bar and self.accelerator.is_local_main_process
+        self.reflection_config.oracle_engine, why = resolve_engine(
+            config.oracle_engine, config.oracle_model_path, self.reflection_config.oracle_device,
+            config.oracle_base_url)
+        if config.oracle_engine == "auto":
+            logger.info("oracle engine: %s (%s)", self.reflection_config.oracle_engine, why)
+        config = self.reflection_config
         if config.oracle_engine == "self":
             oracle = self._self_oracle()
         scorer = None

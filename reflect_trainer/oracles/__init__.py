@@ -106,6 +106,35 @@ def _engine_module(engine: str):
     return importlib.import_module(module_name), class_name
 
 
+def resolve_engine(engine: str, model_path: str | None, device: str | None, base_url: str | None = None
+                   ) -> tuple[str, str]:
+    """``(engine, why)``: what ``oracle_engine="auto"`` means here; an explicit engine always wins.
+
+    The fastest engine that is installed and fits the oracle and the device: a server URL means the ``openai`` engine;
+    a ``.gguf`` file llama.cpp; a CUDA device with vLLM importable vLLM; anything else transformers. The embedded
+    default (no ``oracle_model_path``) is a CPU demo model: transformers.
+    """
+    import importlib.util
+
+    if engine != "auto":
+        return engine, "set explicitly"
+    if base_url:
+        return "openai", "oracle_base_url names a server"
+    if model_path is None:
+        return "transformers", "the embedded default oracle"
+    if str(model_path).endswith(".gguf"):
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ImportError(f"{model_path} is a GGUF file: the llama_cpp engine runs it, and llama-cpp-python is not "
+                              "installed (bash scripts/build_llama_cpp.sh), or convert it to a transformers folder")
+        return "llama_cpp", "a .gguf file, and llama-cpp-python is installed"
+    import torch
+
+    on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    if on_cuda and importlib.util.find_spec("vllm") is not None:
+        return "vllm", "a CUDA device, and vLLM is installed"
+    return "transformers", "no GPU engine applies" if not on_cuda else "vLLM is not installed"
+
+
 def resolve_quantization(engine: str, quantization: str, device: str | None) -> tuple[str, str]:
     """``(quantization, why)``: what ``"auto"`` means for this engine and device; explicit settings win.
 
