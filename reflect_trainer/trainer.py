@@ -47,7 +47,8 @@ ROW = "_reflect_row"  # column that carries a row's identity through TRL's prepa
 
 # Counters summed over ranks for the Trainer's log.
 _LOGGED_COUNTERS = (
-    "rows_recycled", "rows_skipped", "rows_passed_through", "rows_fully_masked_fallback", "cache_hits",
+    "rows_recycled", "rows_skipped", "rows_passed_through", "rows_fully_masked_fallback", "rows_dropped_by_trl",
+    "cache_hits",
     "cache_misses", "oracle_calls", "oracle_prompts", "oracle_tokens", "oracle_seconds",
     "instruction_reflection/total", "instruction_reflection/parsed", "instruction_reflection/accepted",
     "response_reflection/total", "response_reflection/parsed", "response_reflection/accepted", "scores_computed",
@@ -190,7 +191,7 @@ class ReflectionSFTTrainer(SFTTrainer):
         self._overlap = self._overlap_wanted()
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recycle") if self._overlap else None
         self._prefetched: dict[tuple, Future] = {}
-        self._counts = {"rows_passed_through": 0, "rows_fully_masked_fallback": 0}
+        self._counts = {"rows_passed_through": 0, "rows_fully_masked_fallback": 0, "rows_dropped_by_trl": 0}
         self._prepared: dict = {}  # row -> features trained on (None: the original, as SFTTrainer prepared it)
         self._exported: dict = {}  # row -> export row (the row as trained on, the original, the recycling columns)
         self._trained: dict = {}  # row -> True, in the order first trained
@@ -206,6 +207,9 @@ class ReflectionSFTTrainer(SFTTrainer):
             rows = self.train_dataset[ROW]  # the prepared dataset: position -> source row (after TRL's filtering)
             self._position_row = rows
             self._row_position = {r: p for p, r in enumerate(rows)}
+            # Rows SFTTrainer's preparation dropped (no trainable token within max_length): as in SFTTrainer, but
+            # counted.
+            self._counts["rows_dropped_by_trl"] = len(self._source) - len(rows)
         self._live = True
 
     # ---- set-up ----------------------------------------------------------------------------------------------

@@ -206,6 +206,7 @@ def test_noop_recycling_trains_exactly_as_sfttrainer(case, tmp_path, student, or
     trained = len(ours["trainer"].recycled_dataset(include_dropped=True))
     assert stats["rows_recycled"] + stats["rows_passed_through"] == trained
     assert stats["rows_recycled"] == min(reflected, trained)
+    assert stats["rows_dropped_by_trl"] == len(data) - trained  # as SFTTrainer drops them, but counted
 
 
 def test_training_arguments_eval_dict_group_by_length_and_drop_last_behave_as_in_sfttrainer(
