@@ -98,6 +98,17 @@ def _row_key(row: dict) -> str:
     return hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _device(device) -> tuple[str, int]:
+    """A device as (type, index): "cuda" is the current CUDA device, so "cuda" and "cuda:0" compare equal on GPU 0."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):  # not a torch device string (e.g. a device_map name): compared as written
+        return str(device), -1
+    if d.index is not None:
+        return d.type, d.index
+    return d.type, torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
+
+
 class ReflectionSFTTrainer(SFTTrainer):
     """``SFTTrainer`` on data recycled by Reflection-Tuning, lazily, during epoch 1.
 
@@ -270,7 +281,8 @@ class ReflectionSFTTrainer(SFTTrainer):
             return False
         if c.oracle_engine == "openai":
             return True  # a server: its own process, usually its own GPU
-        return c.oracle_engine in ("transformers", "llama_cpp") and c.oracle_device != str(self.accelerator.device)
+        return c.oracle_engine in ("transformers", "llama_cpp") and _device(c.oracle_device) != _device(
+            self.accelerator.device)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -22,6 +22,7 @@ class CountingOracle:
         self.identity = inner.identity
         self.calls = 0
         self.prompts: list = []
+        self.sizes: list[int] = []  # prompts per call
 
     @property
     def tokens_generated(self) -> int:
@@ -30,6 +31,7 @@ class CountingOracle:
     def generate(self, conversations, settings: GenerationSettings):
         self.calls += 1
         self.prompts.extend(conversations)
+        self.sizes.append(len(conversations))
         return self.inner.generate(conversations, settings)
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,6 +22,7 @@ from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.cache import RecycleCache
 from reflect_trainer.oracles import GenerationSettings
 from reflect_trainer.oracles.openai_http import OpenAIHTTPOracle, identity_for
+from reflect_trainer.parsing import PARSED_BUT_REJECTED, UNPARSED_REASONS
 
 PROMPT = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "[Better Answer] "}]
 REPLY = "Hello there, friend! [End] extra"
@@ -158,8 +160,10 @@ def test_retries_5xx_and_429_with_backoff_then_succeeds(serve):
 
 
 def test_timeout_is_retried(serve):
-    server = serve([(200, 2.0), (200, 0)])
-    out = oracle_for(server, timeout=0.5).generate([PROMPT], SETTINGS)
+    # A wide gap on both sides (the hung reply never comes within the 3 s timeout; the retry's immediate reply has 3 s
+    # to arrive on a busy machine). Daemon handler threads: the hung one does not hold up the teardown.
+    server = serve([(200, 30.0), (200, 0)])
+    out = oracle_for(server, timeout=3.0).generate([PROMPT], SETTINGS)
     assert out[0].text.startswith("Hello") and len(server.posts) == 2
 
 
@@ -326,13 +330,16 @@ def test_a_model_the_server_does_not_list_is_named_in_a_warning(serve, caplog):
 
 
 @pytest.fixture(scope="module")
-def real_server(oracle_path):
-    """`transformers serve` — a real OpenAI-compatible server — with the embedded SmolLM2 on loopback."""
+def real_server(oracle_path, tmp_path_factory):
+    """`transformers serve` — a real OpenAI-compatible server — with the embedded SmolLM2 on loopback. It lists the
+    models of its hub cache on /v1/models, and answers 500 when that folder does not exist: it gets an empty one."""
+    hub_cache = tmp_path_factory.mktemp("hub-cache")
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "transformers.cli.transformers", "serve", oracle_path, "--host", "127.0.0.1",
          "--port", str(port), "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -349,9 +356,49 @@ def real_server(oracle_path):
     proc.wait(timeout=30)
 
 
+class RecordingProxy:
+    """Forwards every request to ``target`` (the real server) and records each POST body with the server's reply:
+    the prompt actually sent and the text actually generated."""
+
+    def __init__(self, target: str):
+        self.exchanges: list[tuple[dict, dict | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self, body=None):
+                request = urllib.request.Request(target + self.path, data=body, method=self.command,
+                                                 headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=600) as r:
+                        status, payload = r.status, r.read()
+                except urllib.error.HTTPError as err:
+                    status, payload = err.code, err.read()
+                if body is not None:
+                    outer.exchanges.append((json.loads(body), json.loads(payload) if status == 200 else None))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                self._forward()
+
+            def do_POST(self):
+                self._forward(self.rfile.read(int(self.headers["Content-Length"])))
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+
 @pytest.mark.slow
 def test_recycles_real_pairs_through_a_real_loopback_server(real_server, oracle_path, alpaca_pairs, tmp_path):
-    config = ReflectionConfig(oracle_engine="openai", oracle_base_url=real_server, oracle_model_path=oracle_path,
+    proxy = RecordingProxy(real_server.removesuffix("/v1"))
+    config = ReflectionConfig(oracle_engine="openai", oracle_base_url=f"{proxy.url}/v1", oracle_model_path=oracle_path,
                               oracle_served_model=oracle_path, oracle_concurrency=4, cache_dir=str(tmp_path),
                               mode="response", template_set="compact", max_new_tokens=24, progress_bar=False)
     data = alpaca_pairs.select(range(4))
@@ -359,10 +406,25 @@ def test_recycles_real_pairs_through_a_real_loopback_server(real_server, oracle_
     out = recycler.recycle_dataset(data)
     stats = recycler.stats()
     assert stats["oracle_prompts"] == 4 and stats["oracle_tokens"] > 0
+    # The prompts actually sent: each pair's instruction and draft, ending with the pre-fill the server continues.
+    sent = [(body["prompt"], reply["choices"][0]["text"]) for body, reply in proxy.exchanges if "prompt" in body]
+    assert len(sent) == 4
+    for row in data:
+        prompt = next(p for p, _ in sent if row["instruction"] in p)
+        assert row["output"] in prompt and prompt.endswith("[Better Answer] ")
+    # What the server generated is what was stored (the pre-fill is ours and is not part of it).
+    generated = [json.loads(line.split(" ", 1)[1])["raw"] for path in (tmp_path / "segments").glob("*.jsonl")
+                 for line in path.read_text().splitlines() if line]
+    assert sorted(generated) == sorted(text for _, text in sent)
+    assert all(text.strip() for text in generated), generated
+    known = set(UNPARSED_REASONS + PARSED_BUT_REJECTED)
     for row in out:
-        assert row["response_reflection_raw"].startswith("[Better Answer] ")
-        assert len(row["response_reflection_raw"]) > len("[Better Answer] ")  # the server wrote something
-        assert row["response_reflection_fallback"] is None or isinstance(row["response_reflection_fallback"], str)
+        own = [text for text in generated if row["response_reflection_raw"].endswith(text)]
+        assert own, "the kept raw text is the server's continuation of the pre-fill"
+        reason = row["response_reflection_fallback"]
+        assert reason is None or reason in known, reason
+        if reason is None:  # an accepted answer is the server's text, not the draft or the pre-fill
+            assert row["recycled_output"] != row["output"] and row["recycled_output"].strip() in own[0]
     again = Recycler(config)
     assert again.recycle_dataset(data)["recycled_output"] == out["recycled_output"]
     assert again.stats()["oracle_calls"] == 0

@@ -4,7 +4,7 @@ text in the data cannot forge a parsed field."""
 import pytest
 from datasets import Dataset
 
-from conftest import ScriptedOracle
+from conftest import CountingOracle, ScriptedOracle
 from reflect_trainer import BadRowError, Recycler, ReflectionConfig, to_sft_dataset, validate_rows
 
 GOOD = {"instruction": "Name three primary colours.", "input": "", "output": "Red, yellow and blue."}
@@ -82,24 +82,36 @@ def test_marker_text_in_the_data_cannot_forge_a_parsed_field(tmp_path):
     assert r.stats()["marker_like_rows"] == 1
 
 
-def test_messages_and_prompt_completion_keep_history_in_export(tmp_path):
-    better = "Hello there! I am doing well today, thank you for asking so kindly."
-    r = recycler(tmp_path, script=lambda c: better, mode="response")
+@pytest.mark.slow
+def test_messages_and_prompt_completion_keep_history_in_export(tmp_path, real_oracle):
+    """The real oracle rewrites the last answer; the prompt it was sent and the export keep the earlier turns."""
+    oracle = CountingOracle(real_oracle)
+    config = ReflectionConfig(cache_dir=str(tmp_path / "cache"), progress_bar=False, template_set="compact",
+                              mode="response", max_new_tokens=16)
     msgs = Dataset.from_list([{"messages": [
         {"role": "system", "content": "Be nice."},
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine."}]}])
-    exported = to_sft_dataset(r.recycle_dataset(msgs))
+    recycled = Recycler(config, oracle=oracle).recycle_dataset(msgs)
+    assert len(oracle.prompts) == 1
+    sent = "\n".join(m["content"] for m in oracle.prompts[0] if m["role"] == "user")
+    assert "How are you?" in sent and "Fine." in sent  # the exchange reflected is the last one
+    generated = recycled[0]["response_reflection_raw"]
+    assert generated.strip() and recycled[0]["recycled_output"]
+    exported = to_sft_dataset(recycled)
     assert exported[0]["prompt"][:3] == msgs[0]["messages"][:3]
     assert exported[0]["prompt"][-1] == {"role": "user", "content": "How are you?"}
-    assert exported[0]["completion"] == [{"role": "assistant", "content": better}]
-    assert "messages" not in exported.column_names and "original_messages" in exported.column_names
+    assert exported[0]["completion"] == [{"role": "assistant", "content": recycled[0]["recycled_output"]}]
+    assert "messages" not in exported.column_names
+    assert exported[0]["original_messages"][-1] == {"role": "assistant", "content": "Fine."}
 
     pc = Dataset.from_list([{"prompt": [{"role": "user", "content": "How are you?"}],
                              "completion": [{"role": "assistant", "content": "Fine."}]}])
-    exported = to_sft_dataset(r.recycle_dataset(pc))
-    assert exported[0]["completion"][0]["content"] == better
+    again = Recycler(config, oracle=oracle).recycle_dataset(pc)
+    exported = to_sft_dataset(again)
+    assert exported[0]["completion"][0]["content"] == again[0]["recycled_output"]
     assert exported[0]["original_completion"][0]["content"] == "Fine."
+    assert len(oracle.prompts) in (1, 2)  # the same last exchange without history may share the cached answer
 
 
 def test_reflection_config_parses_next_to_trl_configs(tmp_path):

@@ -3,6 +3,7 @@ buffer trains, and training sees exactly what it sees without overlap. (Whether 
 question: benchmarks/b6_overlap.py.)"""
 
 import threading
+import types
 
 import pytest
 import torch
@@ -83,3 +84,18 @@ def test_auto_overlaps_only_when_the_oracle_has_its_own_compute(tmp_path, oracle
     assert wanted(oracle_engine="openai", oracle_served_model="m")  # a server does its own work
     assert wanted(oracle_device="cuda:1")  # another device
     assert not wanted(overlap="off", oracle_engine="openai", oracle_served_model="m")
+
+
+@pytest.mark.parametrize("student, oracle, overlap", [
+    ("cuda", "cuda:0", False),  # accelerate's single-process device is "cuda": the current GPU, GPU 0
+    ("cuda:0", "cuda", False),  # rank 0 of a multi-GPU run, oracle_device given as "cuda"
+    ("cuda:0", "cuda:1", True),
+    ("cpu", "cuda", True),
+])
+def test_auto_overlap_compares_devices_not_their_spelling(student, oracle, overlap):
+    """Without a GPU here, "cuda" means GPU 0 (the current device of a process that never changed it)."""
+    if torch.cuda.is_available() and torch.cuda.current_device() != 0:
+        pytest.skip("this process's current CUDA device is not 0")
+    fake = types.SimpleNamespace(reflection_config=ReflectionConfig(oracle_device=oracle), _streaming=False,
+                                 accelerator=types.SimpleNamespace(device=torch.device(student)))
+    assert ReflectionSFTTrainer._overlap_wanted(fake) is overlap

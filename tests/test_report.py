@@ -72,7 +72,7 @@ def recycled(tmp_path_factory, real_oracle, alpaca_pairs, oracle_path):
 
 @SLOW
 def test_report_renders_in_chromium_with_counts_equal_to_the_summary_and_a_real_screenshot(recycled, tmp_path):
-    from PIL import Image
+    from PIL import Image, ImageChops
 
     data = recycled["selective"]
     page = write_report(data, tmp_path / "report.html")
@@ -90,11 +90,15 @@ def test_report_renders_in_chromium_with_counts_equal_to_the_summary_and_a_real_
     chosen = Counter(v or "dropped" for v in data["selected_version"])
     assert {k: n for k, n in summary["selection"].items() if n} == dict(chosen)
     assert set(summary["scores"]["ifd"]) == set(summary["scores"]["rifd"]) == set(VERSIONS)
-    kept = [r["output"] for r in data if r["selected_version"] is not None]  # dropped rows are not trained on
-    assert summary["lengths"]["n"] == len(kept)
-    if kept:
-        assert summary["lengths"]["response"]["before"]["mean"] == pytest.approx(
-            sum(len(o.split()) for o in kept) / len(kept))
+    # Lengths count the rows kept for training only: on a copy where one row is dropped and the others are kept
+    # (whatever the rule chose on this data), both kinds are present.
+    mixed = [{**r, "selected_version": None if i == 0 else r["selected_version"] or "original"}
+             for i, r in enumerate(data.to_list())]
+    kept = [r["output"] for r in mixed[1:]]
+    lengths = summarize(mixed)["lengths"]
+    assert lengths["n"] == len(kept) == N_PAIRS - 1
+    assert lengths["response"]["before"]["mean"] == pytest.approx(sum(len(o.split()) for o in kept) / len(kept))
+    assert summary["lengths"]["n"] == sum(v is not None for v in data["selected_version"])
 
     dom = chromium(page, "--dump-dom")
     assert dom_counts(dom) == {**summary_counts(summary), "shown": N_PAIRS, "left_out": 0}
@@ -102,16 +106,24 @@ def test_report_renders_in_chromium_with_counts_equal_to_the_summary_and_a_real_
     for prefix in ("ifd", "rifd"):  # one histogram per version scored
         for v in VERSIONS:
             assert re.search(rf'data-score="{prefix}_{v}"><svg[^>]*>.*?<rect', dom, re.S), f"{prefix}_{v} plot"
-    assert dom.count('class="pair"') == N_PAIRS and "<del>" in dom and "<ins>" in dom
+    assert dom.count('class="pair"') == N_PAIRS
+    # Word diffs appear exactly when some row's trained text differs from its original (none when all fell back).
+    changed = any((r["recycled_instruction"], r["recycled_output"]) != (r["instruction"], r["output"]) for r in data)
+    assert ("<del>" in dom or "<ins>" in dom) == changed
 
-    shot = tmp_path / "report.png"
-    chromium(page, f"--screenshot={shot}", "--window-size=1280,2000")
-    png = shot.read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    assert image.size == (1280, 2000)
-    colours = image.getcolors(maxcolors=1 << 20)
-    assert colours is None or len(colours) > 20, "the screenshot is blank (one or a few colours)"
+    # The screenshot against one of an empty page taken the same way: the header band and most 200-pixel bands of the
+    # window must differ from the empty page's (a blank render, or one that stopped after the header, would not).
+    empty = tmp_path / "empty.html"
+    empty.write_text("<!doctype html><html><head><meta charset=utf-8></head><body></body></html>")
+    images = {}
+    for name, source in (("report", page), ("empty", empty)):
+        shot = tmp_path / f"{name}.png"
+        chromium(source, f"--screenshot={shot}", "--window-size=1280,2000")
+        images[name] = Image.open(io.BytesIO(shot.read_bytes())).convert("RGB")
+    bands = [(0, top, 1280, top + 200) for top in range(0, 2000, 200)]
+    differing = [ImageChops.difference(images["report"].crop(b), images["empty"].crop(b)).getbbox() is not None
+                 for b in bands]
+    assert differing[0] and sum(differing) >= len(bands) // 2, f"bands unlike an empty page: {differing}"
 
 
 @SLOW

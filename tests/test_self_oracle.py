@@ -8,6 +8,7 @@ Each run is its own process (this file, run as a script), so peak memory belongs
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,14 @@ def probe(engine: str, out_dir: str) -> dict:
             "oracle_prompts": stats["oracle_prompts"], "oracle_tokens": stats["oracle_tokens"],
             "steps": trainer.state.global_step, "identity": trainer.recycler.oracle_identity,
             "oracle_is_student": getattr(trainer.recycler.oracle, "model", None) is trainer.model,
-            "raw": list(exported["response_reflection_raw"])}
+            "raw": list(exported["response_reflection_raw"]), "generated": generated_texts(Path(out_dir) / "cache")}
+
+
+def generated_texts(cache_dir: Path) -> list[str]:
+    """What the oracle generated, as the cache stored it (without the pre-fill the recycler puts before it)."""
+    records = [json.loads(line.split(" ", 1)[1]) for path in (cache_dir / "segments").glob("*.jsonl")
+               for line in path.read_text().splitlines() if line]
+    return sorted(r["raw"] for r in records)  # keys include the oracle's identity: compared as a sorted list
 
 
 def run_probe(engine: str, tmp_path) -> dict:
@@ -75,9 +83,9 @@ def test_self_oracle_recycles_and_trains_in_one_process_without_a_second_model(t
     assert own["steps"] == separate["steps"] == ROWS
     assert own["oracle_prompts"] == ROWS and own["oracle_tokens"] > 0
     assert own["oracle_is_student"] and own["identity"].startswith("self:")
-    assert all(raw.startswith("[Better Answer] ") and len(raw) > len("[Better Answer] ") for raw in own["raw"])
+    assert len(own["generated"]) == ROWS and all(text.strip() for text in own["generated"])  # the student wrote
     # The frozen base with adapters disabled *is* the pre-trained model the separate oracle loads: same greedy text.
-    assert own["raw"] == separate["raw"]
+    assert own["generated"] == separate["generated"] and own["raw"] == separate["raw"]
     grown_own = own["peak"] - own["baseline"]
     grown_separate = separate["peak"] - separate["baseline"]
     model = own["model_bytes"]
@@ -98,6 +106,19 @@ def test_self_oracle_needs_a_peft_student(tmp_path, oracle_path, alpaca_pairs):
         ReflectionSFTTrainer(model=AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32),
                              args=sft_config(tmp_path), train_dataset=alpaca_pairs.select(range(2)),
                              reflection_config=ReflectionConfig(cache_dir=str(tmp_path), oracle_engine="self"))
+
+
+def test_self_oracle_is_refused_with_a_sharded_student_and_with_overlap_on():
+    from reflect_trainer import ReflectionConfig
+    from reflect_trainer.trainer import ReflectionSFTTrainer
+
+    sharded = types.SimpleNamespace(_model_is_sharded=lambda: True)  # what ZeRO-3/FSDP report
+    with pytest.raises(ValueError, match="cannot generate with a sharded student"):
+        ReflectionSFTTrainer._self_oracle(sharded)
+    fake = types.SimpleNamespace(reflection_config=ReflectionConfig(oracle_engine="self", overlap="on"),
+                                 _streaming=False)
+    with pytest.raises(ValueError, match="overlap='on' cannot work with oracle_engine='self'"):
+        ReflectionSFTTrainer._overlap_wanted(fake)
 
 
 if __name__ == "__main__":  # a probe run: python test_self_oracle.py ENGINE OUT_DIR

@@ -78,3 +78,9 @@ def test_markers_are_forced_in_time_when_the_budget_is_tiny(real_oracle, alpaca_
     out, stats = recycle(real_oracle, alpaca_pairs.select(range(106, 110)), tmp_path, max_new_tokens=24,
                          structured_output=True, mode="instruction")
     assert stats["instruction_reflection/parse_rate"] == 1.0, out["instruction_reflection_raw"]
+    # Control: the same prompts, same budget, unconstrained. The small oracle does not follow the paper's format on
+    # its own, so here outputs go unparsed: the parse rate above is the processor's doing.
+    free, free_stats = recycle(real_oracle, alpaca_pairs.select(range(106, 110)), tmp_path / "free",
+                               max_new_tokens=24, structured_output=False, mode="instruction")
+    assert free_stats["instruction_reflection/parse_rate"] < 1.0, free["instruction_reflection_raw"]
+    assert any(reason in UNPARSED_REASONS for reason in free["instruction_reflection_fallback"])

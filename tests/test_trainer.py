@@ -55,6 +55,8 @@ def trained(tmp_path_factory, oracle_path, alpaca_pairs):
                                            oracle_model_path=oracle_path, template_set="compact"),
     )
     counter.trainer = trainer
+    after_init = {"oracle_calls": trainer.recycling_stats()["oracle_calls"],
+                  "oracle_loaded": trainer.recycler.oracle_loaded}
     trained_batches = []
     original_compute_loss = trainer.compute_loss
 
@@ -67,7 +69,24 @@ def trained(tmp_path_factory, oracle_path, alpaca_pairs):
     trainer.compute_loss = recording_compute_loss
     trainer.train()
     return {"trainer": trainer, "counter": counter, "batches": trained_batches, "tokenizer": tokenizer,
-            "tmp_path": tmp_path}
+            "tmp_path": tmp_path, "after_init": after_init}
+
+
+def test_init_makes_zero_oracle_calls_and_loads_no_oracle(trained):
+    assert trained["after_init"] == {"oracle_calls": 0, "oracle_loaded": False}
+
+
+def test_trainer_log_carries_the_recycle_counters_each_step(trained):
+    logs = [h for h in trained["trainer"].state.log_history if "loss" in h]
+    assert len(logs) == 16  # logging_steps 1
+    calls = [h["recycle/oracle_calls"] for h in logs]
+    prompts = [h["recycle/oracle_prompts"] for h in logs]
+    assert calls[0] > 0 and calls == sorted(calls)  # buffer 1 was recycled before step 1 was logged
+    stats = trained["trainer"].recycling_stats()
+    # By epoch 2 every pair was recycled: the last log holds the final counts.
+    assert (calls[-1], prompts[-1]) == (stats["oracle_calls"], stats["oracle_prompts"])
+    assert logs[-1]["recycle/response_reflection/total"] == stats["response_reflection/total"] == 16
+    assert logs[-1]["recycle/rows_recycled"] == stats["rows_recycled"]
 
 
 def test_class_swap_trains_two_epochs_and_loss_decreases(trained):
