@@ -54,22 +54,27 @@ def test_missing_llama_cpp_raises_an_import_error_that_says_how_to_install(gguf,
 # ---- with it ---------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.llama_cpp
-def test_recycles_real_pairs_then_rerun_makes_zero_oracle_calls(gguf, alpaca_pairs, tmp_path):
-    data = alpaca_pairs.select(range(8))
+def test_recycles_real_pairs_then_rerun_makes_zero_oracle_calls(gguf, tmp_path):
+    from reflect_trainer.embedded import load_alpaca_eval
+    from reflect_trainer.parsing import PARSED_BUT_REJECTED
+
+    data = load_alpaca_eval(limit=8, max_answer_words=30)  # short answers: a rewrite can finish in its budget
     config = ReflectionConfig(oracle_engine="llama_cpp", oracle_model_path=gguf, template_set="compact",
-                              mode="response", max_new_tokens=32, oracle_batch_size=8, cache_dir=str(tmp_path))
+                              mode="response", max_new_tokens=192, oracle_batch_size=8, cache_dir=str(tmp_path))
     recycler = Recycler(config)
     out = recycler.recycle_dataset(data)
     stats = recycler.stats()
-    assert stats["oracle_calls"] == 1 and stats["oracle_prompts"] == 8 and stats["oracle_tokens"] > 0
-    known = set(UNPARSED_REASONS + DEGENERATE_REASONS)
+    assert stats["oracle_calls"] >= 1 and stats["oracle_prompts"] == 8 and stats["oracle_tokens"] > 0
+    generated = {r["key"]: r for r in recycler.cache.records()}
+    assert len(generated) == 8 and all(r["finish"] in ("stop", "length") for r in generated.values())
+    known = set(UNPARSED_REASONS + DEGENERATE_REASONS + PARSED_BUT_REJECTED)
     for row in out:
-        assert row["response_reflection_raw"].startswith("[Better Answer] "), "the pre-fill is continued"
         reason = row["response_reflection_fallback"]
         assert reason is None or reason in known
         assert (row["recycled_output"] != row["output"]) == (reason is None)
-    assert stats["response_reflection/parse_rate"] == 1.0  # a pre-filled opener always parses
-    assert stats["response_reflection/accepted"] >= 1
+        if reason is None:  # an accepted answer is what the oracle generated, not something we put there
+            assert any(row["recycled_output"] in r["raw"] for r in generated.values())
+    assert stats.get("response_reflection/accepted", 0) >= 1
 
     again = Recycler(config)
     assert again.recycle_dataset(data).to_list() == out.to_list()
@@ -144,7 +149,9 @@ def test_structured_output_gives_every_paper_template_output_its_sections(gguf, 
     config = ReflectionConfig(oracle_engine="llama_cpp", oracle_model_path=gguf, template_set="paper", mode="both",
                               structured_output=True, max_new_tokens=96, oracle_batch_size=8, cache_dir=str(tmp_path))
     recycler = Recycler(config)
-    out = recycler.recycle_dataset(alpaca_pairs.select(range(6)))
+    from reflect_trainer.embedded import load_alpaca_eval
+
+    out = recycler.recycle_dataset(load_alpaca_eval(limit=6, max_answer_words=30))  # short prompts: cheap prefill
     steps = {phase: template.steps[0] for phase, template in TEMPLATE_SETS["paper"].items()}
     for row in out:
         for phase, step in steps.items():
