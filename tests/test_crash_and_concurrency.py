@@ -17,8 +17,15 @@ MAX_NEW_TOKENS = 16
 
 
 def cli(*args):
+    # nf4: the same (quantized) oracle identity as the `real_oracle` fixture, so the cache written here serves it.
     return [sys.executable, "-m", "reflect_trainer.cli", "recycle", *args, "--mode", "response", "--templates",
-            "compact", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "4"]
+            "compact", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "4", "--quantization", "nf4"]
+
+
+def short_pairs(n):
+    from reflect_trainer.embedded import load_alpaca_eval
+
+    return load_alpaca_eval(limit=n, max_answer_words=30)  # short prompts: the mechanics, not the prefill, cost
 
 
 def segment_records(cache_dir):
@@ -34,7 +41,7 @@ def write_rows(path, rows):
 
 
 def test_kill_9_loses_at_most_the_batch_in_flight(tmp_path, alpaca_pairs, real_oracle):
-    data = alpaca_pairs.select(range(24))
+    data = short_pairs(24)
     src = write_rows(tmp_path / "rows.jsonl", data.to_list())
     cache_dir = tmp_path / "cache"
     proc = subprocess.Popen(cli(str(src), "--out", str(tmp_path / "out.jsonl"), "--cache-dir", str(cache_dir)),
@@ -60,7 +67,7 @@ def test_kill_9_loses_at_most_the_batch_in_flight(tmp_path, alpaca_pairs, real_o
 
 
 def test_two_processes_on_overlapping_shards_store_every_row_exactly_once(tmp_path, alpaca_pairs):
-    rows = alpaca_pairs.select(range(16)).to_list()
+    rows = short_pairs(16).to_list()
     shard_a = write_rows(tmp_path / "a.jsonl", rows[0:12])
     shard_b = write_rows(tmp_path / "b.jsonl", rows[4:16])
     cache_dir = tmp_path / "cache"
