@@ -117,13 +117,22 @@ def messages_single(n=10):
                               for q, a in map(qa, range(n))])
 
 
-def messages_multiturn_tools(n=10):
+def real_qa(i):
+    """Real AlpacaEval pairs with short answers: the real oracle can rewrite them within a small budget (on the toy
+    arithmetic of :func:`qa` SmolLM2 loops, and the acceptance gates rightly reject every rewrite)."""
+    from reflect_trainer.embedded import load_alpaca_eval
+
+    row = load_alpaca_eval(limit=i + 1, max_answer_words=30)[i]
+    return row["instruction"], row["output"]
+
+
+def messages_multiturn_tools(n=10, source=None):
     add = {"name": "add", "description": "Add two numbers", "parameters": {"type": "object", "properties": {}}}
     tools = json.dumps([{"type": "function", "function": add}])
     rows = []
     for i in range(n):
-        q, a = qa(i)
-        final = {"role": "assistant", "content": f"Let me add {i} and {i}."}
+        q, a = (source or qa)(i)
+        final = {"role": "assistant", "content": a if source else f"Let me add {i} and {i}."}
         if i % 2:  # a final reply that also calls a tool
             final["tool_calls"] = [{"type": "function", "function": {"name": "add", "arguments": f"{i},{i}"}}]
         rows.append({
@@ -273,7 +282,8 @@ def test_max_steps_export_holds_only_rows_trained_and_the_rest_is_recycled_on_re
 REAL = {
     "messages-single_turn": (messages_single, {}),
     "messages-multi_turn_tools-assistant_only_loss": (
-        messages_multiturn_tools, dict(assistant_only_loss=True, chat_template_path=TOOLS_TEMPLATE, max_length=128)),
+        lambda n: messages_multiturn_tools(n, source=real_qa),
+        dict(assistant_only_loss=True, chat_template_path=TOOLS_TEMPLATE, max_length=256)),
     "prompt_completion_strings": (prompt_completion_strings, {}),
 }
 
@@ -283,7 +293,7 @@ def test_export_of_a_real_recycling_run_trains_plain_sfttrainer_on_the_same_toke
         case, tmp_path, student, oracle_path, real_oracle):
     make, options = REAL[case]
     data = make(4)
-    reflection = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", max_new_tokens=16,
+    reflection = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", max_new_tokens=64,
                                   buffer_batches=2, progress_bar=False, template_set="compact")
     oracle = CountingOracle(real_oracle)  # shared by the tests: a run's release must not close it
     ours = train(ReflectionSFTTrainer, student, fresh_tokenizer(oracle_path), config(tmp_path, **options), data,
@@ -292,7 +302,8 @@ def test_export_of_a_real_recycling_run_trains_plain_sfttrainer_on_the_same_toke
     exported = ours["trainer"].recycled_dataset()
     assert len(exported) == 4
     changed = [r for r in exported if r["trained_version"] == "recycled" and r["response_reflection_fallback"] is None]
-    assert changed, f"{case}: the oracle changed no row, so this run cannot show anything"
+    assert changed, (f"{case}: the oracle changed no row, so this run cannot show anything: "
+                     f"{[(r['response_reflection_fallback'], r['response_reflection_raw']) for r in exported]}")
     # Plain SFTTrainer on the export, same options and seed: its loader's batches are what our run trained on.
     plain = SFTTrainer(model=cheap_copy(student), args=config(tmp_path / "plain", **options),
                        train_dataset=exported, processing_class=fresh_tokenizer(oracle_path))
