@@ -94,8 +94,8 @@ def test_auto_overlaps_only_when_the_oracle_has_its_own_compute(tmp_path, oracle
 ])
 def test_auto_overlap_compares_devices_not_their_spelling(student, oracle, overlap):
     """Without a GPU here, "cuda" means GPU 0 (the current device of a process that never changed it)."""
-    if torch.cuda.is_available() and torch.cuda.current_device() != 0:
-        pytest.skip("this process's current CUDA device is not 0")
-    fake = types.SimpleNamespace(reflection_config=ReflectionConfig(oracle_device=oracle), _streaming=False,
+    # The trainer resolves oracle_engine="auto" before it decides on overlap: here it resolves to transformers.
+    fake = types.SimpleNamespace(reflection_config=ReflectionConfig(oracle_device=oracle, oracle_engine="transformers"),
+                                 _streaming=False,
                                  accelerator=types.SimpleNamespace(device=torch.device(student)))
     assert ReflectionSFTTrainer._overlap_wanted(fake) is overlap
