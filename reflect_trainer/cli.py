@@ -96,8 +96,10 @@ def _cmd_inspect(args) -> int:
             print(f"{name.replace('_fallback', '')}: {counts}")
     fmt = lambda text: textwrap.shorten(str(text), width=args.width, placeholder=" …")  # noqa: E731
     for row in data.select(range(min(args.n, len(data)))):
-        before_q = row.get("instruction") or row.get("original_prompt") or row.get("original_messages")
-        before_a = row.get("output") or row.get("original_completion")
+        # A trainer's export holds what was trained on in the format columns and the input in original_*.
+        before_q = (row.get("original_instruction") or row.get("instruction") or row.get("original_prompt")
+                    or row.get("original_messages"))
+        before_a = row.get("original_output") or row.get("output") or row.get("original_completion")
         print("=" * 80)
         print(f"BEFORE Q: {fmt(before_q)}")
         print(f"BEFORE A: {fmt(before_a)}")

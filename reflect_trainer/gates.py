@@ -83,14 +83,13 @@ def ends_mid_sentence(text: str) -> bool:
 
 
 def is_truncated(finish_reason: str, section_closed: bool, value: str) -> bool:
-    """The section ran into the budget: generation stopped on ``length`` while the section was still open. An engine
-    that does not report a finish reason (``unknown``) is judged by the text: an open section that ends
-    mid-sentence."""
-    if section_closed:
-        return False
+    """The section ran into the budget: generation stopped on ``length`` while the section was still open, or on
+    ``length`` with the section ending mid-sentence (a small oracle that restarts a section writes its marker again
+    mid-text: the first copy is "closed" by the second, yet cut). An engine that does not report a finish reason
+    (``unknown``) is judged by the text: an open section that ends mid-sentence."""
     if finish_reason == FINISH_LENGTH:
-        return True
-    return finish_reason == FINISH_UNKNOWN and ends_mid_sentence(value)
+        return not section_closed or ends_mid_sentence(value)
+    return finish_reason == FINISH_UNKNOWN and not section_closed and ends_mid_sentence(value)
 
 
 def repeated_phrase(text: str, n: int) -> str | None:

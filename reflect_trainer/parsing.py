@@ -130,16 +130,20 @@ def section_spans(
     regex = marker_regex(ordered)
     hits = [(m.start(), m.end(), ordered[int(m.lastgroup[1:])]) for m in regex.finditer(generated)]
 
-    def content_from(pos: int) -> tuple[str, bool]:
-        stop = min((start for start, _, _ in hits if start >= pos), default=None)
-        return (generated[pos:], False) if stop is None else (generated[pos:stop], True)
+    def content_from(pos: int, name: str) -> tuple[str, bool]:
+        # Closed means ended by [End] or by another section's marker. The same marker again is no end: the oracle
+        # started the section over (a small model's restart), so the text before it may stop anywhere.
+        stop = next(((start, other) for start, _, other in sorted(hits) if start >= pos), None)
+        if stop is None:
+            return generated[pos:], False
+        return generated[pos : stop[0]], stop[1] != name
 
     found: dict[str, tuple[str, bool]] = {}
     if open_section is not None:
-        found[open_section] = content_from(0)
+        found[open_section] = content_from(0, open_section)
     for _, end, name in hits:
         if name != end_marker and (name not in found or not _clean(found[name][0])):
-            found[name] = content_from(end)
+            found[name] = content_from(end, name)
     return found
 
 

@@ -281,3 +281,22 @@ def test_progress_bar_moves_after_every_oracle_step_not_once_per_buffer(tmp_path
     # compact `both`: 2 instruction steps + 1 response step per pair, each advancing the bar by the batch's 3 pairs
     assert updates == [3, 3, 3]
     assert recycler._progress is None and sum(updates) == 3 * recycler._steps_per_pair()
+
+
+def test_a_section_restarted_by_its_own_marker_and_cut_by_the_budget_is_truncated(tmp_path):
+    # Seen in the demo: the oracle wrote "[New Answer]" again mid-answer and ran out of tokens in the second copy.
+    # The first copy ends where the second marker starts ("... a list of examples:") — cut, though "closed".
+    def script(conversation):
+        if conversation[-1]["content"].startswith("[New Instruction]"):
+            return Generation(" give two examples.", "stop")
+        restarted = LONGER + " Here is a sample guide with a list of examples:\n\n[New Answer]\n\nStep 1. Provide"
+        return Generation(restarted, "length")
+
+    out, _ = recycle(tmp_path, ScriptedOracle(script), mode="instruction")
+    assert out["instruction_reflection_fallback"] == ["truncated"]
+    # The same restart that ended on its own (finish "stop") keeps the complete first copy.
+    complete = LONGER + "\n\n[New Answer] " + LONGER
+    out, _ = recycle(tmp_path / "2", ScriptedOracle(
+        lambda c: Generation(" give two examples.", "stop") if c[-1]["content"].startswith("[New Instruction]")
+        else Generation(complete, "stop")), mode="instruction")
+    assert out["instruction_reflection_fallback"] == [None] and out["reflected_output"] == [LONGER]
