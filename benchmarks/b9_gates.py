@@ -19,6 +19,7 @@ from reflect_trainer.gates import (
     ends_mid_sentence,
     instruction_is_complete,
     judge_rewrite,
+    repeated_line,
     repeated_phrase,
 )
 
@@ -37,6 +38,8 @@ def main() -> None:
         example = repeated_phrase(hits[0][0], n) if hits else ""
         print(f"| loop: repeated word n-gram | n={n} | {len(hits)} ({100 * len(hits) / len(answers):.1f}%) | "
               f"{example[:60]!r} |")
+    lines = [a for a in answers if repeated_line(a)]
+    print(f"| loop: the same line 3 times back to back | - | {len(lines)} | |")
     counting = [a for a in answers if counts_without_content(a)]
     print(f"| loop: counting without content | - | {len(counting)} | {counting[0][:60]!r} |" if counting
           else "| loop: counting without content | - | 0 | |")

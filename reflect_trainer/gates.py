@@ -115,8 +115,24 @@ def counts_without_content(text: str) -> bool:
     return bool(_EMPTY_NUMBER_RUN_RE.search(text))
 
 
+_LIST_MARKER_RE = re.compile(r"^\s*(?:\d+[.)]|[-*•#]+)\s*")
+
+
+def repeated_line(text: str, times: int = 3) -> bool:
+    """The same line (list numbering aside, at least three words) said ``times`` times: '1. The answer is: "Drake"',
+    '2. The answer is: "Drake"', ... — a loop in list form, too short for the n-gram window."""
+    lines = [" ".join(words(_LIST_MARKER_RE.sub("", ln))) for ln in text.splitlines() if ln.strip()]
+    run = 1
+    for previous, line in zip(lines, lines[1:]):  # back to back, as loops repeat (lyrics and tables repeat apart)
+        run = run + 1 if line == previous and len(line.split()) >= 3 else 1
+        if run >= times:
+            return True
+    return False
+
+
 def has_loop(text: str, ngram: int) -> bool:
-    return counts_without_content(text) or (ngram > 0 and repeated_phrase(text, ngram) is not None)
+    return (counts_without_content(text) or repeated_line(text)
+            or (ngram > 0 and repeated_phrase(text, ngram) is not None))
 
 
 def instruction_is_complete(text: str) -> bool:

@@ -67,7 +67,8 @@ def test_engine_without_finish_reason_is_judged_by_the_text(tmp_path):
     LONGER + " The game is won by one team with one point. The game is won by one team with one point. Done.",
     "### Ingredients: 1. 1. 2. 3. 4. 5. 6. 7. 8. 9. 10. 11. 12. 13. 14. 15. " + LONGER,
     LONGER + "\n1.\n2.\n3.\n4.\n",
-], ids=["repeated-sentence", "counting-inline", "empty-list-items"])
+    LONGER + '\n1. The answer is: "Drake"\n2. The answer is: "Drake"\n3. The answer is: "Drake"',
+], ids=["repeated-sentence", "counting-inline", "empty-list-items", "same-line-listed"])
 def test_repetition_inside_the_output_falls_back_as_loop(tmp_path, text):
     out, _ = recycle(tmp_path, answering(Generation(text, "stop")))
     assert out["response_reflection_fallback"] == ["loop"]
