@@ -53,8 +53,10 @@ def test_two_ranks_with_deepspeed_zero2_recycle_overlapping_shares_exactly_once(
     stats = [json.loads((tmp_path / f"stats-{rank}.json").read_text()) for rank in (0, 1)]
     assert [s["global_step"] for s in stats] == [3, 3]
     assert [s["rows_seen"] for s in stats] == [6, 6]  # each rank's share: 6 rows, 2 of them in both shares
-    # The 2 shared pairs were claimed by one rank and waited for by the other: contended, generated once.
-    assert sum(s["waited_for_other_writer"] for s in stats) == 2, stats
+    # The 2 shared pairs were generated once: the other rank either waited on the claim (both asked at once: the
+    # cross-rank path) or, when it asked after the record was stored, read it from the cache. Which one depends on
+    # the ranks' timing on a shared 2-core machine; the claim race itself is pinned down in test_cache_faults.py.
+    assert sum(s["waited_for_other_writer"] + s["cache_hits"] for s in stats) == 2, stats
     assert sum(s["claims_taken_over"] for s in stats) == 0
     assert sum(s["oracle_prompts"] for s in stats) == rows  # 12 rows trained, 10 oracle prompts
     keys = [r["key"] for r in cache_records(tmp_path / "cache")]
