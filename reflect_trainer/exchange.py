@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .formats import ALPACA, MESSAGES, PROMPT_COMPLETION, BadRowError, Pair, _text, detect_format
+from .formats import ALPACA, MESSAGES, PROMPT_COMPLETION, BadRowError, Pair, _text, alpaca_pair, detect_format
 
 TEXT = "text"  # no instruction/response split: rows pass through
 
@@ -74,11 +74,7 @@ def exchange(row: dict[str, Any], fmt: str, label: Any, max_chars: int) -> Pair 
     not a string or too long.
     """
     if fmt == ALPACA:
-        return Pair(
-            instruction=_text(label, "instruction", row.get("instruction"), max_chars),
-            input=_text(label, "input", row.get("input") if row.get("input") is not None else "", max_chars, True),
-            output=_text(label, "output", row.get("output"), max_chars),
-        )
+        return alpaca_pair(row, label, max_chars)
     if fmt == PROMPT_COMPLETION:
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, str) or isinstance(completion, str):

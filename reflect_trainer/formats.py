@@ -103,14 +103,19 @@ def _messages(row_index: int, name: str, value: Any) -> list[dict]:
     return value
 
 
+def alpaca_pair(row: dict[str, Any], label: Any, max_chars: int) -> Pair:
+    """An Alpaca row (``instruction``, optional ``input``, ``output``) as a :class:`Pair`, checked field by field."""
+    return Pair(
+        instruction=_text(label, "instruction", row.get("instruction"), max_chars),
+        input=_text(label, "input", row.get("input") if row.get("input") is not None else "", max_chars, True),
+        output=_text(label, "output", row.get("output"), max_chars),
+    )
+
+
 def row_to_pair(row: dict[str, Any], fmt: str, row_index: int, max_chars: int) -> Pair:
     """Turn one row into a :class:`Pair`, or raise :class:`BadRowError` naming the row and the field."""
     if fmt == ALPACA:
-        return Pair(
-            instruction=_text(row_index, "instruction", row.get("instruction"), max_chars),
-            input=_text(row_index, "input", row.get("input") if row.get("input") is not None else "", max_chars, True),
-            output=_text(row_index, "output", row.get("output"), max_chars),
-        )
+        return alpaca_pair(row, row_index, max_chars)
     if fmt == PROMPT_COMPLETION:
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):
