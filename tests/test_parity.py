@@ -247,6 +247,20 @@ def test_packing_is_refused_with_the_reason(tmp_path, oracle_path):
                              oracle=noop_oracle())
 
 
+def record_trained_rows(trainer) -> list:
+    """Test instrument: the token rows (padding removed) of every batch the trainer's loss is computed on."""
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *a, **k):
+        rows = zip(inputs["input_ids"], inputs["attention_mask"])
+        seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
+        return compute_loss(model, inputs, *a, **k)
+
+    trainer.compute_loss = recording_compute_loss
+    return seen
+
+
 def test_max_steps_export_holds_only_rows_trained_and_the_rest_is_recycled_on_request(
         tmp_path, student, oracle_path):
     data = messages_single(10)
@@ -255,15 +269,7 @@ def test_max_steps_export_holds_only_rows_trained_and_the_rest_is_recycled_on_re
         processing_class=fresh_tokenizer(oracle_path), oracle=noop_oracle(),
         reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), buffer_batches=1, progress_bar=False,
                                            template_set="compact"))
-    seen = []
-    compute_loss = trainer.compute_loss
-
-    def recording_compute_loss(model, inputs, *a, **k):  # test instrument
-        rows = zip(inputs["input_ids"], inputs["attention_mask"])
-        seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
-        return compute_loss(model, inputs, *a, **k)
-
-    trainer.compute_loss = recording_compute_loss
+    seen = record_trained_rows(trainer)
     trainer.train()
     exported = trainer.recycled_dataset()
     assert len(exported) == 4 == len(seen)  # 2 steps of 2 rows: only those
@@ -345,15 +351,7 @@ def test_export_after_resuming_from_a_checkpoint_holds_the_rows_trained_before_a
             train_dataset=messages_single(10), processing_class=fresh_tokenizer(oracle_path), oracle=noop_oracle(),
             reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), buffer_batches=2,
                                                progress_bar=False, template_set="compact"))
-        seen = []
-        compute_loss = trainer.compute_loss
-
-        def recording_compute_loss(model, inputs, *a, **k):  # test instrument
-            rows = zip(inputs["input_ids"], inputs["attention_mask"])
-            seen.extend(tuple(ids[mask.bool()].tolist()) for ids, mask in rows)
-            return compute_loss(model, inputs, *a, **k)
-
-        trainer.compute_loss = recording_compute_loss
+        seen = record_trained_rows(trainer)
         trainer.train(**train_kwargs)
         return trainer, seen
 
