@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .gates import GATE_REASONS, TRUNCATED, AcceptanceGates, is_truncated, judge_rewrite
+from .gates import words as _words  # one word splitter for the parser's checks and the gates
 from .oracles import FINISH_UNKNOWN
 
 # Fallback reasons, recorded per phase. Everything but these means "parsed and accepted".
@@ -145,10 +146,6 @@ def section_spans(
         if name != end_marker and (name not in found or not _clean(found[name][0])):
             found[name] = content_from(end, name)
     return found
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
