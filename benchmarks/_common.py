@@ -33,3 +33,47 @@ def sft_args(output_dir: str, epochs: int):
     return SFTConfig(output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=4, max_length=256,
                      learning_rate=2e-5, logging_steps=100, save_strategy="no", report_to="none", bf16=False,
                      gradient_checkpointing=False, use_cpu=True, seed=0, disable_tqdm=True)
+
+
+# ---- fair comparisons: warm-up, interleaved repeats, median and spread -------------------------------------------
+def interleaved(sides: dict, repeats: int = 3, warmup: bool = True, log=print) -> dict:
+    """Run each side once to warm up (imports, page cache, allocator; the result is discarded), then run the sides
+    in turn ``repeats`` times (A B A B A B, the order rotated each round so no side always runs first after the
+    other's cleanup), and return ``{name: [sample, ...]}``.
+
+    A side is a callable returning either the seconds it took or a dict of measurements (with at least "seconds");
+    the caller decides what is timed, so a side can time only the part its claim is about (the oracle, an epoch)."""
+    names = list(sides)
+    if warmup:
+        for name in names:
+            sides[name]()
+            log(f"  warm-up {name} done")
+    samples: dict = {name: [] for name in names}
+    for round_ in range(repeats):
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in order:
+            result = sides[name]()
+            sample = result if isinstance(result, dict) else {"seconds": float(result)}
+            samples[name].append(sample)
+            log(f"  round {round_ + 1}/{repeats} {name}: {sample['seconds']:.1f} s")
+    return samples
+
+
+def median_spread(values) -> tuple[float, float]:
+    """The median, and the spread as (max - min) / median: how far one run can be from another on this machine."""
+    import statistics
+
+    values = [float(v) for v in values]
+    mid = statistics.median(values)
+    return mid, ((max(values) - min(values)) / mid if mid else float("nan"))
+
+
+def describe(values, unit: str = "s", fmt: str = ".1f") -> str:
+    """``"12.3 s (spread 4%, n=3: 12.0 12.3 12.5)"``."""
+    mid, spread = median_spread(values)
+    runs = " ".join(format(float(v), fmt) for v in values)
+    return f"{format(mid, fmt)} {unit} (spread {spread:.0%}, n={len(values)}: {runs})"
+
+
+def ratio_of_medians(numerator, denominator) -> float:
+    return median_spread(numerator)[0] / median_spread(denominator)[0]
