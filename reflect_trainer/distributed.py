@@ -74,8 +74,8 @@ def detect_launch(environ=None) -> Launch:
 def shard_indices(n_rows: int, batch_size: int, rank: int, world_size: int) -> list[int]:
     """Rows of ``rank``'s shard: the 1-process run's batches ``rank``, ``rank + world_size``, ..., whole."""
     n_batches = -(-n_rows // batch_size)
-    return [i for b in range(rank, n_batches, world_size) for i in range(b * batch_size, min(n_rows, (b + 1) *
-                                                                                              batch_size))]
+    batches = (range(b * batch_size, min(n_rows, (b + 1) * batch_size)) for b in range(rank, n_batches, world_size))
+    return [i for batch in batches for i in batch]
 
 
 def pin_local_gpu(launch: Launch) -> None:
@@ -140,7 +140,7 @@ def recycle_distributed(make_recycler: Callable, dataset, batch_size: int, launc
     # record read from the cache. It would generate a row only if one were missing; none is.
     final = make_recycler()
     recycled = final.recycle_dataset(dataset, batch_size=batch_size)
-    totals = {name: sum(float(r["stats"].get(name, 0)) for r in done) for name in SHARD_COUNTERS}
+    totals = {name: sum(r["stats"].get(name, 0) for r in done) for name in SHARD_COUNTERS}
     totals["world_size"] = launch.world_size
     totals["shards_taken_over"] = others.generated
     return recycled, final, totals
