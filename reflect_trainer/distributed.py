@@ -79,19 +79,21 @@ def shard_indices(n_rows: int, batch_size: int, rank: int, world_size: int) -> l
 
 
 def pin_local_gpu(launch: Launch) -> None:
-    """One GPU per rank on a node: keep only the ``LOCAL_RANK``-th visible device (before CUDA starts), so a local
-    engine (transformers, vLLM) runs on its own GPU. Nothing to do without CUDA, or with one device visible."""
-    try:
-        import torch
-    except ImportError:
-        return
-    if not launch.distributed or not torch.cuda.is_available():
+    """One GPU per rank on a node: keep only the ``LOCAL_RANK``-th visible device, so a local engine (transformers,
+    vLLM) runs on its own GPU. Must run before anything starts CUDA (CUDA reads ``CUDA_VISIBLE_DEVICES`` once), so
+    the GPUs are counted without CUDA: ``CUDA_VISIBLE_DEVICES`` if set, else the NVIDIA driver's ``/proc`` entries.
+    Nothing to do with one process, or with at most one device."""
+    if not launch.distributed:
         return
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if visible is not None:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        gpus = Path("/proc/driver/nvidia/gpus")
+        devices = [str(i) for i in range(len(list(gpus.iterdir())))] if gpus.is_dir() else []
     if len(devices) > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = devices[launch.local_rank % len(devices)]
-        logger.info("rank %d: oracle on GPU %s", launch.rank, os.environ["CUDA_VISIBLE_DEVICES"])
+        logger.info("rank %d: local engines see GPU %s only", launch.rank, os.environ["CUDA_VISIBLE_DEVICES"])
 
 
 def recycle_distributed(make_recycler: Callable, dataset, batch_size: int, launch: Launch,

@@ -11,7 +11,7 @@ import pytest
 
 import reflect_trainer
 from reflect_trainer.cli import main
-from reflect_trainer.distributed import detect_launch, shard_indices
+from reflect_trainer.distributed import Launch, detect_launch, pin_local_gpu, shard_indices
 
 MAX_NEW_TOKENS = 8
 
@@ -44,6 +44,14 @@ def test_launch_is_read_from_what_torchrun_and_accelerate_set():
     assert (launch.rank, launch.world_size, launch.local_rank, launch.distributed) == (3, 4, 1, True)
     with pytest.raises(ValueError, match="RANK=4"):
         detect_launch({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_each_rank_on_a_node_sees_only_its_own_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")
+    pin_local_gpu(Launch(rank=9, world_size=16, local_rank=4))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"  # local rank 4 of 3 visible devices: the second
+    pin_local_gpu(Launch())  # one process: left alone
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
 
 
 @pytest.mark.slow
