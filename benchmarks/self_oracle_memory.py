@@ -1,4 +1,4 @@
-"""B11: peak memory of the self oracle (``oracle_engine="self"``) vs a separate oracle of the same model.
+"""Self-oracle memory: peak RSS with ``oracle_engine="self"`` vs a separate oracle of the same model.
 
 Each run is the probe of ``tests/test_self_oracle.py`` in a fresh process: a LoRA student (SmolLM2-135M, fp32) trains
 one epoch on 4 real AlpacaEval pairs while the oracle recycles them; the process's peak RSS (``VmHWM``) is reset
@@ -8,7 +8,7 @@ oracle is the same model unquantized: one more copy of exactly the student's wei
 the difference in units of the model's weight bytes. Memory, not time: CPU load from other processes does not
 change these figures, so no warm-up run is discarded.
 
-    .venv/bin/python benchmarks/b11_self_oracle_memory.py [--repeats 3]
+    .venv/bin/python benchmarks/self_oracle_memory.py [--repeats 3]
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"B11 on {machine()}; LoRA student SmolLM2-135M fp32, 4 pairs, 1 epoch, mode response, 16 new tokens")
+    print(f"self-oracle memory on {machine()}; LoRA student SmolLM2-135M fp32, 4 pairs, 1 epoch, mode response, "
+          "16 new tokens")
     runs: dict = {"self": [], "separate": []}
     with tempfile.TemporaryDirectory() as tmp:
         def side(engine: str, name: str):
