@@ -89,8 +89,9 @@ def test_self_oracle_recycles_and_trains_in_one_process_without_a_second_model(t
     grown_separate = separate["peak"] - separate["baseline"]
     model = own["model_bytes"]
     # Training alone grows the process by far more than the model (allocator arenas, activations, the Trainer), so
-    # the yardstick is the same run with a separate oracle of exactly the student's size: it costs one more model.
-    assert grown_separate - grown_own > 0.6 * model, (grown_own / 2**20, grown_separate / 2**20, model / 2**20)
+    # the yardstick is the same run with a separate oracle of exactly the student's size: it costs one more model
+    # (0.98x in benchmarks/self_oracle_memory.py, 0.72x at worst across its runs; one run varies by up to 0.3x).
+    assert grown_separate - grown_own > 0.5 * model, (grown_own / 2**20, grown_separate / 2**20, model / 2**20)
 
 
 def test_self_oracle_needs_a_peft_student(tmp_path, oracle_path, alpaca_pairs):
