@@ -13,7 +13,7 @@ trainer construction, 2 epochs). Reported apart, so a difference can be placed:
 * training: the optimizer steps (forward, backward, update), from a Trainer callback;
 * rest: everything else (loading both models, cache and export, tokenisation, the Trainer's set-up).
 
-    .venv/bin/python benchmarks/b3_on_the_fly_vs_offline.py [--pairs 16] [--max-new-tokens 48] [--repeats 3] [--quick]
+    .venv/bin/python benchmarks/b3_on_the_fly_vs_offline.py [--pairs 12] [--max-new-tokens 32] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ PARTS = (("seconds", "end to end"), ("oracle", "oracle generate"), ("training", 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pairs", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--pairs", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-answer-words", type=int, default=60,
                         help="real pairs whose answer has at most this many words (keeps prefill from dominating)")
     parser.add_argument("--repeats", type=int, default=3)

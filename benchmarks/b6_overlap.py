@@ -16,7 +16,7 @@ background thread, so they may hide behind training), the optimizer steps (forwa
 callback) and what is neither: time the training loop spent waiting for recycled data it could not hide. Without
 overlap, epoch 1 is about oracle + steps; the best overlap can do is about max(oracle, steps) plus the first buffer.
 
-    .venv/bin/python benchmarks/b6_overlap.py [--pairs 16] [--max-new-tokens 24] [--layouts pinned shared]
+    .venv/bin/python benchmarks/b6_overlap.py [--pairs 12] [--max-new-tokens 24] [--layouts pinned shared]
         [--repeats 3] [--quick]
 """
 
@@ -104,7 +104,7 @@ LAYOUTS = {"pinned": "pinned (server core 1, trainer core 0)", "shared": "shared
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--max-answer-words", type=int, default=60,
                         help="real pairs whose answer has at most this many words (keeps prefill from dominating)")
