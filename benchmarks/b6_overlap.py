@@ -39,24 +39,30 @@ from reflect_trainer import ReflectionConfig, ReflectionSFTTrainer
 from reflect_trainer.embedded import default_oracle_path, load_alpaca_eval
 
 
-def start_server(path: str, cores: str | None) -> tuple[subprocess.Popen, str]:
+def start_server(path: str, cores: str | None, tmp: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", path, "--host", "127.0.0.1", "--port",
            str(port), "--device", "cpu"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # transformers serve lists its hub cache on /v1/models (the oracle's identity) and answers 500 when that folder
+    # does not exist: give it an empty one.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": tempfile.mkdtemp(dir=tmp)}
     if cores is not None:
         cmd, env["OMP_NUM_THREADS"] = ["taskset", "-c", cores, *cmd], "1"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    for _ in range(180):
+    log = open(f"{tmp}/server.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    for _ in range(300):
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"transformers serve exited with {proc.returncode}: {log.read()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return proc, f"http://127.0.0.1:{port}/v1"
         except OSError:
             time.sleep(1)
     proc.kill()
-    raise RuntimeError("transformers serve did not come up")
+    raise RuntimeError("transformers serve did not come up in 300 s")
 
 
 def epoch_one(path: str, url: str, data, overlap: str, max_new_tokens: int, tmp: str) -> dict:
@@ -84,9 +90,9 @@ def measure(path: str, data, args, pinned: bool) -> dict:
     else:
         os.sched_setaffinity(0, set(range(os.cpu_count())))
         torch.set_num_threads(os.cpu_count())
-    proc, url = start_server(path, "1" if pinned else None)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_server(path, "1" if pinned else None, tmp)
+        try:
             warm = data.select(range(min(4, len(data))))
             for overlap in ("off", "on"):  # warm-up: the server's and the trainer's first calls
                 epoch_one(path, url, warm, overlap, 4, tmp)
@@ -94,9 +100,9 @@ def measure(path: str, data, args, pinned: bool) -> dict:
                 {overlap: (lambda overlap=overlap: epoch_one(path, url, data, overlap, args.max_new_tokens, tmp))
                  for overlap in ("off", "on")},
                 repeats=args.repeats, warmup=False)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 LAYOUTS = {"pinned": "pinned (server core 1, trainer core 0)", "shared": "shared (both on both cores)"}
