@@ -17,7 +17,7 @@ budgets that force the next marker. ``--grammar-without-budgets`` adds a third s
 engine's budget rule is replaced, for that side only, by one that never forces anything, so the grammar keeps the
 output in shape but nothing makes the critique end.
 
-    .venv/bin/python benchmarks/b5_structured_output.py [--pairs 16] [--max-answer-words 60] [--max-new-tokens 128]
+    .venv/bin/python benchmarks/b5_structured_output.py [--pairs 12] [--max-answer-words 60] [--max-new-tokens 128]
         [--templates paper] [--engine transformers|llama_cpp] [--grammar-without-budgets] [--repeats 3] [--quick]
 """
 
@@ -64,7 +64,7 @@ def recycle(data, config: ReflectionConfig, oracle, tmp: str, side: str) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=12)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-answer-words", type=int, default=60,
                         help="only pairs whose answer has at most this many words (0: the first pairs, median 412 "
