@@ -9,7 +9,8 @@ either side). Each side once as a warm-up on 2 pairs (discarded), then the sides
 rotated each round). Timed: the oracle's generate calls only (the recycler's ``oracle_seconds``), not parsing or
 the cache. The sides generate different numbers of tokens (structured output
 forces markers and ends sequences early), so time is compared per pair (s/pair: what recycling a data set costs)
-and per generated token (tok/s: the engine's speed under the constraint), both as medians with their spread.
+and per generated token (tok/s: generated tokens over generate time, prefill included: the engine's speed under the
+constraint), both as medians with their spread.
 Greedy decoding makes each side's outputs the same in every repeat; the script checks that and says so.
 
 llama.cpp (``--engine llama_cpp``, the same model as a Q4_1 GGUF): structured output is a GBNF grammar plus token
