@@ -16,7 +16,7 @@ Section text may contain ``[`` (code, arrays, citations) but not a ``[`` followe
 name, so the oracle cannot open or close a section by accident. Grammars cannot count tokens: with them, an output
 whose critique uses up ``max_new_tokens`` still fails to parse (and falls back, counted), so the local engines add
 token budgets that force the next marker. Even then the markers are what is enforced, not a usable text between
-them: a section holding only markup, "N/A" or "..." is parsed as ``empty`` and falls back (measured: 49 of 50
+them: a section holding only markup, "N/A" or "..." is parsed as ``empty`` and falls back (2026-11-25: 49 of 50
 instruction reflections parsed, ``benchmarks/b5_structured_output.py``).
 """
 
