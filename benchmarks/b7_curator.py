@@ -250,6 +250,7 @@ def main() -> None:
     path = str(default_oracle_path())
     args.model = path
     tmp = Path(tempfile.mkdtemp(prefix="b7-"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still stops the server below
     server, upstream = start_server(path, not args.no_continuous_batching, tmp / "hub-cache")
     proxy = CountingProxy(upstream)
     record = str(tmp / "requests.jsonl")
