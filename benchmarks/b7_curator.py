@@ -1,9 +1,10 @@
 """B7: our ``openai`` engine against Bespoke Curator doing the same job on the same server.
 
-Same 32 real AlpacaEval pairs, same oracle (the embedded SmolLM2-135M-Instruct behind one ``transformers serve`` on
-loopback), the same response-reflection requests (the messages our engine sends are recorded in the warm-up and
-replayed to Curator verbatim), the same ``max_tokens``, greedy, the same number of requests in flight. Between the
-sides sits a counting proxy (both pay it): it counts the completions the server finished for each run.
+Same 32 real AlpacaEval pairs, same oracle (the embedded SmolLM2-135M-Instruct behind one OpenAI-compatible server
+on loopback: llama.cpp's by default, ``--server transformers`` for ``transformers serve``), the same
+response-reflection requests (the messages our engine sends are recorded in the warm-up and replayed to Curator
+verbatim), the same ``max_tokens``, greedy, the same number of requests in flight. Between the sides sits a counting
+proxy (both pay it): it counts the completions the server finished for each run.
 
 Measured:
 
@@ -167,33 +168,48 @@ class CountingProxy:
         return n
 
 
-def start_server(path: str, continuous_batching: bool, hub_cache: Path) -> tuple[subprocess.Popen, str]:
-    """``transformers serve`` lists its hub cache on /v1/models and answers 500 when that folder does not exist: it
-    gets an empty one."""
-    hub_cache.mkdir(parents=True, exist_ok=True)
+def start_server(kind: str, tmp: Path) -> tuple[subprocess.Popen, str, str]:
+    """The oracle behind an OpenAI-compatible server on loopback: ``(process, root URL, served model name)``.
+
+    * ``llama_cpp``: llama-cpp-python's server (``pip install sse-starlette starlette-context pydantic-settings``,
+      its ``[server]`` extra) on the embedded model's own Q4_1 GGUF; it answers one request at a time.
+    * ``transformers``: ``transformers serve`` on the converted fp32 folder, with continuous batching (its KV pool is
+      sized for a GPU by default, 9 GB of RSS here: 512 blocks of 32 tokens). It lists its hub cache on /v1/models
+      and answers 500 when that folder does not exist: it gets an empty one.
+
+    Started through ``-c`` so that the command line does not read "... transformers serve ...": other jobs on a shared
+    machine that clean up their own servers by that pattern (``pkill -f``) would take this one down mid-measurement."""
+    from reflect_trainer.embedded import default_oracle_path, smollm2_gguf_path
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = ["transformers", "serve", path, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype",
-            "float32"]
-    if continuous_batching:  # its default KV pool is sized for a GPU (9 GB of RSS here): 512 blocks of 32 tokens
-        argv += ["--continuous-batching", "--cb-num-blocks", "512", "--cb-block-size", "32"]
-    # Started through -c so that its command line is not "... transformers serve ...": other jobs on a shared machine
-    # that clean up their own servers by that pattern (pkill -f) would take this one down mid-measurement.
-    cmd = [sys.executable, "-c", f"import sys; sys.argv = {argv!r}; from transformers.cli.transformers import main; "
-           "main()"]
-    log = open(hub_cache.parent / "server.log", "wb")  # noqa: SIM115 (the server's, closed with it)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)},
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if kind == "llama_cpp":
+        served = "smollm2-135m-instruct-q4_1"
+        argv = ["llama_cpp.server", "--model", str(smollm2_gguf_path()), "--model_alias", served, "--host",
+                "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", str(os.cpu_count())]
+        code = f"import sys, runpy; sys.argv = {argv!r}; runpy.run_module('llama_cpp.server', run_name='__main__')"
+    else:
+        served = str(default_oracle_path())
+        env["HF_HUB_CACHE"] = str(tmp / "hub-cache")
+        (tmp / "hub-cache").mkdir(parents=True, exist_ok=True)
+        argv = ["transformers", "serve", served, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                "--dtype", "float32", "--continuous-batching", "--cb-num-blocks", "512", "--cb-block-size", "32"]
+        code = f"import sys; sys.argv = {argv!r}; from transformers.cli.transformers import main; main()"
+    log = open(tmp / "server.log", "wb")  # noqa: SIM115 (the server's, closed with it)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     for _ in range(240):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc, f"http://127.0.0.1:{port}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                return proc, f"http://127.0.0.1:{port}", served
         except OSError:
+            if proc.poll() is not None:
+                break
             time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("transformers serve did not come up")
+    raise RuntimeError(f"the {kind} server did not come up: {(tmp / 'server.log').read_text()[-2000:]}")
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------
@@ -234,7 +250,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-continuous-batching", action="store_true")
+    parser.add_argument("--server", choices=["llama_cpp", "transformers"], default="llama_cpp")
     parser.add_argument("--curator-python", default="/work/venvs/curator/bin/python")
     args = parser.parse_args()
     if args.side:  # a worker
@@ -245,13 +261,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from _common import describe, interleaved, machine, ratio_of_medians
 
-    from reflect_trainer.embedded import default_oracle_path
-
-    path = str(default_oracle_path())
-    args.model = path
     tmp = Path(tempfile.mkdtemp(prefix="b7-"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM still stops the server below
-    server, upstream = start_server(path, not args.no_continuous_batching, tmp / "hub-cache")
+    server, upstream, args.model = start_server(args.server, tmp)
     proxy = CountingProxy(upstream)
     record = str(tmp / "requests.jsonl")
     runs = {"n": 0}
@@ -271,7 +283,7 @@ def main() -> None:
     try:
         print(f"B7 on {machine()}; {args.pairs} AlpacaEval pairs (answers <= 30 words), response reflection (paper "
               f"template), max_tokens={args.max_new_tokens}, greedy, {args.concurrency} requests in flight; server: "
-              f"transformers serve{'' if args.no_continuous_batching else ' --continuous-batching'} (fp32, CPU)")
+              f"{args.server} on loopback")
         samples = interleaved({"ours": fresh("ours"), "curator": fresh("curator")}, repeats=args.repeats)
         for side in ("ours", "curator"):
             secs = [s["seconds"] for s in samples[side]]
