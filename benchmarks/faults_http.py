@@ -164,6 +164,7 @@ HTTP_FAULTS = ["500", "429+Retry-After", "timeout", "html 200", "truncated body"
                "400/batch", "503/batch"]
 NAMES = {"400/batch": "http one 400 per batch", "503/batch": "http one 503-always row per batch"}
 
+
 # ---- the same faults through training -------------------------------------------------------------------------
 def training_trial(trial: int, rows: int, tmp: Path, student: Path) -> dict:
     """``ReflectionSFTTrainer`` with ``oracle_engine="openai"`` (built from the config, as users do) against the
@@ -374,7 +375,8 @@ def main() -> int:
         total = {k: sum(r[k] for r in results)
                  for k in ("lost", "fallbacks", "dup", "hangs", "wrong", "leaks", "requests", "elsewhere")}
         errors = {r["error"] for r in results if r["error"]}
-        notes = (f"training completed {sum(r['ok'] for r in results)}/{args.trials} (steps {[r['steps'] for r in results]}, "
+        notes = (f"training completed {sum(r['ok'] for r in results)}/{args.trials} "
+                 f"(steps {[r['steps'] for r in results]}, "
                  f"400 rows tried once, 503 rows 3 times, each its own counted fallback); {total['requests']} requests "
                  f"({total['elsewhere']} at the other origin)" + (f", errors {sorted(errors)}" if errors else ""))
         failed_checks += sum(not r["ok"] for r in results)

@@ -181,7 +181,8 @@ class Setup:
         probe = root / "probe"
         probe.mkdir()
         (probe / "sitecustomize.py").write_text(PROBE)
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(probe), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        path = os.pathsep.join([str(probe), str(REPO), os.environ.get("PYTHONPATH", "")])
+        self.env = {**os.environ, "PYTHONPATH": path,
                     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                     "TOKENIZERS_PARALLELISM": "false"}
 
@@ -454,7 +455,8 @@ def main() -> int:
             rows.append((name, c["faults"], c["faults"], c["takeovers"], c["lost"], c["twice"], c["dup_gen"],
                          c["hangs"], c["wrong"], f"{c['chains'] - len(chains.checks_failed)}/{c['chains']} chains"))
             ref = chains.reference
-            notes.append(f"{kind}: uninterrupted run {ref['elapsed']:.0f} s (start-up to the cache {ref['startup']:.0f} "
+            notes.append(f"{kind}: uninterrupted run {ref['elapsed']:.0f} s (start-up until it opens the cache "
+                         f"{ref['startup']:.0f} "
                          f"s), {len(ref['raw'])} oracle prompts; kills: "
                          + ", ".join(f"{k[5:]} {v}" for k, v in sorted(c.items()) if k.startswith("kill "))
                          + f"; {c['chains']} chains; {time.monotonic() - started:.0f} s so far")
