@@ -451,12 +451,20 @@ class ReflectionSFTTrainer(SFTTrainer):
             self._trained.setdefault(row, True)
         return super().training_step(model, inputs, *args, **kwargs)
 
-    # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list.
+    # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list. Every
+    # rank's list is on disk (written whole: temporary file, then rename) before the Trainer writes
+    # trainer_state.json, its last file: a checkpoint a kill -9 left with a trainer state has every list.
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        with open(os.path.join(folder, f"reflect_trained-{self.accelerator.process_index}.json"), "w") as f:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"reflect_trained-{self.accelerator.process_index}.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(list(self._trained), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
 
     def _load_rng_state(self, checkpoint):
         super()._load_rng_state(checkpoint)
