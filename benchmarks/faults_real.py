@@ -331,7 +331,7 @@ class Chains:
                 break
             time.sleep(self.rng.uniform(0, self.window * left + 1.0))
             if launch.proc.poll() is None:
-                mode = self.rng.choice(["one rank", "whole job"]) if self.kind == "trainer" else "process"
+                mode = ("one rank", "whole job")[self.counts["faults"] % 2] if self.kind == "trainer" else "process"
                 workers = launch.workers() if mode == "one rank" else []
                 if workers:
                     os.kill(self.rng.choice(workers), signal.SIGKILL)  # the launcher must stop the other rank
@@ -433,7 +433,7 @@ def main() -> int:
     parser.add_argument("--cli-kills", type=int, default=20, help="kill -9 instants of reflect-trainer recycle")
     parser.add_argument("--host-trials", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, caches)")
     args = parser.parse_args()

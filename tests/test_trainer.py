@@ -212,6 +212,27 @@ def test_checkpoint_whose_trainer_state_is_written_already_holds_the_trained_row
     assert exported["original_instruction"] == data["instruction"]  # all 4 rows, 2 of them trained before the kill
 
 
+def test_resumed_from_the_last_checkpoint_the_export_still_holds_every_trained_row(tmp_path, oracle_path,
+                                                                                   alpaca_pairs):
+    """A run killed after its last checkpoint (while saving the model or exporting) resumes from it with no step
+    left: the Trainer then runs no epoch, and the trained rows, read in a hook of its epoch loop, were never loaded:
+    the export was empty."""
+    student = tiny_student(tmp_path / "student", oracle_path)
+    data = alpaca_pairs.select(range(2))
+    config = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact",
+                              buffer_batches=1, progress_bar=False)
+    args = sft_config(tmp_path, num_train_epochs=1, per_device_train_batch_size=1, save_strategy="steps",
+                      save_steps=1, logging_steps=100)
+    oracle = ScriptedOracle(lambda c: "A longer and better answer than before. [End]")
+    first = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config, oracle=oracle)
+    first.train()
+    resumed = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
+                                   oracle=oracle)
+    resumed.train(resume_from_checkpoint=True)  # the newest: checkpoint-2, the end of training
+    assert resumed.state.global_step == 2
+    assert resumed.recycled_dataset().to_list() == first.recycled_dataset().to_list()
+
+
 def test_bad_data_is_caught_at_init_before_any_work(tmp_path, alpaca_pairs):
     def never(conversation):
         raise AssertionError("no oracle work may happen")
