@@ -331,17 +331,19 @@ def adversarial_trial(kind: str, trial: int, tmp: Path) -> dict:
 
 
 def linear_time_ratio() -> float:
+    """t(2M characters) / t(200k): ~10 when linear, ~100 when quadratic. Best of single calls, on strings larger than
+    the CPU caches: on this machine any regex over plain text jumps ~5x in time per character between 50k and 200k
+    characters (cache size, not the pattern), which made t(100k)/t(10k) read 35-50 for a linear pass."""
     def seconds(n):
         text = ("[End" + " " * (n // 20) + "x **Better Answer" + " " * (n // 20) + "y ") * 10
         best = float("inf")
-        for _ in range(5):
+        for _ in range(7):
             start = time.perf_counter()
-            for _ in range(5):
-                neutralize_markers(text, ("Better Answer", "Revised Answer"))
+            neutralize_markers(text, ("Better Answer", "Revised Answer"))
             best = min(best, time.perf_counter() - start)
         return best
 
-    return seconds(100_000) / seconds(10_000)
+    return seconds(2_000_000) / seconds(200_000)
 
 
 def main() -> int:
@@ -398,9 +400,9 @@ def main() -> int:
                           total["dup"], total["hangs"], total["wrong"], total["leaks"], notes))
     log_leaks = sum(API_KEY in line or PASSWORD in line for line in LOGS.lines)
     ratio = linear_time_ratio()
-    failed_checks += ratio > 30  # quadratic would be ~100
+    failed_checks += ratio > 40  # linear: ~10; quadratic: ~100
     table.append(("logs (all runs)", 1, len(LOGS.lines), "-", "-", "-", "-", "-", log_leaks,
-                  f"log records holding a secret; neutralise t(100k)/t(10k) = {ratio:.1f} (linear: ~10)"))
+                  f"log records holding a secret; neutralise t(2M)/t(200k) = {ratio:.1f} (linear: ~10)"))
     widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *table]:
         print(" | ".join(str(v).ljust(w) for v, w in zip(row, widths)))
