@@ -178,7 +178,7 @@ def training_trial(trial: int, rows: int, tmp: Path, student: Path) -> dict:
     rng = random.Random(f"training-{trial}")
     lock = threading.Lock()
     clean: Counter = Counter()
-    tries: Counter = Counter()  # requests per row number
+    tries: Counter = Counter()  # requests per row number; "hits": random faults served
 
     def count_clean(body):
         with lock:
@@ -194,7 +194,8 @@ def training_trial(trial: int, rows: int, tmp: Path, student: Path) -> dict:
             tries[n] += 1
             chosen = None
             if rng.random() < RATE:  # each kind in turn, so that every one of them happens in every trial
-                chosen = random_faults[sum(tries.values()) % len(random_faults)]
+                chosen = random_faults[tries["hits"] % len(random_faults)]
+                tries["hits"] += 1
         if n % 8 in (3, 6):
             return (400, 0) if n % 8 == 3 else (503, 0)
         if chosen is None:
@@ -244,7 +245,8 @@ def training_trial(trial: int, rows: int, tmp: Path, student: Path) -> dict:
     return {"lost": max(lost, 0), "fallbacks": sum(r is not None for r in reasons.values()),
             "dup": sum(n > 1 for n in clean.values()), "hangs": int(hung), "wrong": wrong,
             "leaks": sum(r["auth"] is not None for r in other.requests), "requests": len(server.posts),
-            "elsewhere": len(other.posts), "ok": ok, "steps": steps, "error": repr(error) if error else ""}
+            "elsewhere": len(other.posts), "ok": ok, "steps": steps, "error": repr(error) if error else "",
+            "injected": tries["hits"]}
 
 
 # ---- adversarial data ------------------------------------------------------------------------------------------
@@ -379,7 +381,8 @@ def main() -> int:
         errors = {r["error"] for r in results if r["error"]}
         notes = (f"training completed {sum(r['ok'] for r in results)}/{args.trials} "
                  f"(steps {[r['steps'] for r in results]}, "
-                 f"400 rows tried once, 503 rows 3 times, each its own counted fallback); {total['requests']} requests "
+                 f"400 rows tried once, 503 rows 3 times, each its own counted fallback); "
+                 f"{sum(r['injected'] for r in results)} random faults of 7 kinds; {total['requests']} requests "
                  f"({total['elsewhere']} at the other origin)" + (f", errors {sorted(errors)}" if errors else ""))
         failed_checks += sum(not r["ok"] for r in results)
         table.append(("training: ReflectionSFTTrainer, mixed faults @20%", args.trials, args.rows * args.trials,
