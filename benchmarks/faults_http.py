@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -165,6 +166,9 @@ HTTP_FAULTS = ["500", "429+Retry-After", "timeout", "html 200", "truncated body"
 NAMES = {"400/batch": "http one 400 per batch", "503/batch": "http one 503-always row per batch"}
 
 
+TRAINING_FAULTS = itertools.count()
+
+
 # ---- the same faults through training -------------------------------------------------------------------------
 def training_trial(trial: int, rows: int, tmp: Path, student: Path) -> dict:
     """``ReflectionSFTTrainer`` with ``oracle_engine="openai"`` (built from the config, as users do) against the
@@ -185,19 +189,19 @@ def training_trial(trial: int, rows: int, tmp: Path, student: Path) -> dict:
             clean[prompt_id(body)] += 1
 
     other = FaultyServer(count_clean, reply=answer)
-    random_faults = [(500, 0), (429, 0, {"Retry-After": "1"}), (200, 0.6), "html", "truncated", "null",
-                     ("redirect", 307, f"{other.url}/chat/completions")]
+    random_faults = [("redirect", 307, f"{other.url}/chat/completions"), (500, 0), (429, 0, {"Retry-After": "1"}),
+                     (200, 0.6), "html", "truncated", "null"]
 
     def script(body):
         n = int(row_number(body))
         with lock:
             tries[n] += 1
+            if n % 8 in (3, 6):
+                return (400, 0) if n % 8 == 3 else (503, 0)
             chosen = None
-            if rng.random() < RATE:  # each kind in turn, so that every one of them happens in every trial
-                chosen = random_faults[tries["hits"] % len(random_faults)]
+            if rng.random() < RATE:  # the kinds in turn (across trials), so that each of them happens
+                chosen = random_faults[next(TRAINING_FAULTS) % len(random_faults)]
                 tries["hits"] += 1
-        if n % 8 in (3, 6):
-            return (400, 0) if n % 8 == 3 else (503, 0)
         if chosen is None:
             count_clean(body)
         return chosen
