@@ -50,7 +50,8 @@ STARTED, FINISHED = 600.0, 60.0  # deadlines: a whole run; all of a job's proces
 
 # Loaded by every child Python (its directory is first on PYTHONPATH). Once reflect_trainer.cache is imported, it
 # wraps RecycleCache: each cache writes "ready-<tag>-<pid>" when opened (the run reached its cache: epoch 1 begins),
-# and each key handed to the oracle is logged as "<key> <writer id>" with one O_APPEND write (survives kill -9).
+# each key handed to the oracle is logged as "<key> <writer id>" with one O_APPEND write (survives kill -9), and
+# claims of dead owners taken over are counted in "takeovers-<tag>-<pid>".
 PROBE = r'''
 import os, sys
 if os.environ.get("FAULTS_CALLS"):
@@ -76,7 +77,10 @@ if os.environ.get("FAULTS_CALLS"):
             def logged(mine):
                 _append(f"{tag}-{os.getpid()}.log", "".join(f"{k} {self.writer_id}\n" for k in mine))
                 return generate(mine)
-            return get_or_generate(self, keys, logged)
+            fetched = get_or_generate(self, keys, logged)
+            if fetched.taken_over:
+                _append(f"takeovers-{tag}-{os.getpid()}", f"{fetched.taken_over}\n")
+            return fetched
 
         cls.__init__, cls.get_or_generate = __init__, logged_get_or_generate
 
@@ -389,10 +393,8 @@ class Chains:
             self.counts["lost"] += missing
             self.checks_failed.append(f"{run.name}: export differs from the uninterrupted run's "
                                       f"({missing} of {len(expected)} rows missing or different)")
-        for rank in (0, 1):
-            stats = run / f"stats-{rank}.json"
-            if stats.exists():
-                self.counts["takeovers"] += json.loads(stats.read_text()).get("claims_taken_over", 0)
+        self.counts["takeovers"] += sum(int(n) for f in (run / "calls").glob("takeovers-*")
+                                        for n in f.read_text().split())
         self.counts["chains"] += 1
 
 
