@@ -1,5 +1,8 @@
 """``reflect-trainer`` command line: fetch the embedded default, recycle a data set offline, inspect the result.
 
+``recycle`` runs data-parallel when started by ``torchrun`` or ``accelerate launch`` (see ``distributed.py``):
+``torchrun --nproc-per-node 2 -m reflect_trainer.cli recycle data.jsonl --out r.jsonl``.
+
 Exit codes: 0 done; 2 a bad input row (with ``--on-bad-row error``: the message names the row and the field);
 3 ``recycle`` found no usable row (every row skipped as bad input): it still writes an empty export and its counters.
 """
@@ -25,12 +28,17 @@ def _cmd_fetch(args) -> int:
 
 
 def _cmd_recycle(args) -> int:
+    import time
+
     from .config import ReflectionConfig
+    from .distributed import detect_launch, merged_stats, pin_local_gpu, recycle_distributed
     from .export import load_data, save_recycled, to_sft_dataset
     from .recycler import Recycler
 
     if args.mode == "selective" and not args.student:
         raise SystemExit("error: --mode selective needs --student PATH: the model whose IFD scores pick the versions")
+    launch = detect_launch()  # torchrun / accelerate launch: this process's rank; a plain call is rank 0 of 1
+    pin_local_gpu(launch)
     data = load_data(args.data, args.limit)
     config = ReflectionConfig(
         oracle_model_path=args.oracle,
@@ -47,16 +55,32 @@ def _cmd_recycle(args) -> int:
         cache_dir=args.cache_dir or str(Path(args.out).with_suffix("")) + ".cache",
         on_bad_row=args.on_bad_row,
         oracle_batch_size=args.batch_size,
+        progress_bar=launch.rank == 0,
     )
-    recycler = Recycler(config, scorer=_student_scorer(args.student) if args.student else None)
-    recycled = recycler.recycle_dataset(data, batch_size=args.batch_size)
+    scorer = _student_scorer(args.student) if args.student else None
+    started = time.perf_counter()
+    if launch.distributed:
+        outcome = recycle_distributed(lambda: Recycler(config, scorer=scorer), data, args.batch_size, launch)
+        if outcome is None:  # not rank 0: this rank's shard is stored; rank 0 writes the export
+            return 0
+        recycled, recycler, totals = outcome
+        stats = merged_stats(recycler.stats(), totals)
+    else:
+        recycler = Recycler(config, scorer=scorer)
+        recycled = recycler.recycle_dataset(data, batch_size=args.batch_size)
+        stats = recycler.stats()
+    stats["recycle_seconds"] = time.perf_counter() - started
     # Rows the selection rule dropped are left out unless asked for: the export is what gets trained on.
     exported = to_sft_dataset(recycled, keep_dropped=args.keep_dropped)
     out = save_recycled(exported, args.out)
-    stats = recycler.stats()
     stats_path = out.with_name(out.name + ".stats.json")
     stats_path.write_text(json.dumps(stats, indent=2))
     skipped = {k.split("/", 1)[1]: int(v) for k, v in stats.items() if k.startswith("skipped/")}
+    if launch.distributed:
+        logger.info("%d ranks recycled %d pairs in %.1f s (%.3f pairs/s); oracle across ranks: %d prompts, %d tokens; "
+                    "shards taken over from stopped ranks: %d", launch.world_size, stats.get("rows_recycled", 0),
+                    stats["recycle_seconds"], stats.get("rows_recycled", 0) / stats["recycle_seconds"],
+                    stats["oracle_prompts"], stats["oracle_tokens"], stats["shards_taken_over"])
     print(f"wrote {len(exported)} recycled rows to {out} (counters in {stats_path}); "
           f"{len(data) - len(exported)} of {len(data)} input rows left out: "
           f"{int(stats.get('rows_skipped', 0))} bad input {skipped or ''}, "
@@ -150,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", required=True, help="output .jsonl, .parquet, or folder")
     rec.add_argument("--oracle", default=None, help="local oracle folder or .gguf (default: embedded SmolLM2-135M)")
     rec.add_argument("--engine", default="auto", help="oracle engine: auto, transformers, llama_cpp, vllm, openai")
-    rec.add_argument("--base-url", default=None, help="openai engine: server root including /v1")
+    rec.add_argument("--base-url", default=None,
+                     help="openai engine: server root including /v1; several servers of one model: comma-separated")
     rec.add_argument("--served-model", default=None, help="openai engine: model name the server knows")
     rec.add_argument("--quantization", default="auto", choices=["auto", "nf4", "int8", "none"])
     rec.add_argument("--mode", default="both", choices=["instruction", "response", "both", "selective"])
@@ -198,8 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import detect_launch
+
+    launch = detect_launch()
+    where = f" [rank {launch.rank}/{launch.world_size}]" if launch.distributed else ""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.INFO, format=f"%(asctime)s{where} %(name)s: %(message)s"
     )
     from .formats import BadRowError
 

@@ -40,14 +40,17 @@ class ReflectionConfig:
         oracle_batch_size (`int`, *optional*, defaults to `16`):
             Most prompts per `generate` call; a larger request is split.
         oracle_base_url (`str` or `None`, *optional*, defaults to `None`):
-            `openai` engine: the server's URL including `/v1` (default `http://127.0.0.1:8000/v1`).
+            `openai` engine: the server's URL including `/v1` (default `http://127.0.0.1:8000/v1`). Several servers of
+            the same model: comma-separated (`http://a:8000/v1,http://b:8000/v1`; a YAML list also works). Requests
+            go to the server with the fewest in flight, a failed one is retried on another; every server must report
+            the same model, and the cache key is the one a single server gives.
         oracle_served_model (`str` or `None`, *optional*, defaults to `None`):
             `openai` engine: the model name the server knows (default: the folder name of `oracle_model_path`,
             which then only needs the tokenizer files).
         oracle_api_key_env (`str`, *optional*, defaults to `"OPENAI_API_KEY"`):
             `openai` engine: environment variable that holds the API key (the key is never logged).
         oracle_concurrency (`int`, *optional*, defaults to `8`):
-            `openai` engine: requests in flight at once.
+            `openai` engine: requests in flight at once, per server.
         oracle_timeout (`float`, *optional*, defaults to `300.0`):
             `openai` engine: seconds per request before it is retried.
         oracle_max_retries (`int`, *optional*, defaults to `6`):

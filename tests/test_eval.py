@@ -10,13 +10,21 @@ verdict parsing and combination.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
 from conftest import ScriptedOracle
 
 from reflect_trainer.embedded import assets_home
-from reflect_trainer.evaluation.ifeval import VERIFIER_IMPORT_NAME, ifeval_prompts, load_verifier, score_ifeval
+from reflect_trainer.evaluation.ifeval import (
+    VERIFIER_IMPORT_NAME,
+    ifeval_prompts,
+    load_verifier,
+    score_ifeval,
+    seeded_random,
+)
 from reflect_trainer.evaluation.pairwise import (
     INVALID,
     LOSS,
@@ -192,8 +200,91 @@ def sft_model_path(oracle_path, tmp_path_factory) -> str:
     return str(out)
 
 
+def _letter(raw: str) -> str | None:
+    """The judge's letter read off its raw continuation of "Verdict: [[" (first word only; "tie" is C)."""
+    match = re.match(r"\W*(A|B|C|tie)\b", raw, re.IGNORECASE)
+    return None if match is None else {"TIE": "C"}.get(match.group(1).upper(), match.group(1).upper())
+
+
+def _model_a_outcome(raw_ab: str, raw_ba: str) -> str:
+    """Model A's outcome from the two raw verdicts: shown first ("A" is model A), then second ("B" is model A)."""
+    first, second = _letter(raw_ab), _letter(raw_ba)
+    if first is None or second is None:
+        return "invalid"
+    points = {"A": 1, "C": 0, "B": -1}[first] + {"B": 1, "C": 0, "A": -1}[second]
+    return "win" if points > 0 else "loss" if points < 0 else "tie"  # win+tie wins, win+loss ties
+
+
+def assert_pairwise_summary_follows_from_the_stored_verdicts(pairwise: dict) -> None:
+    questions, summary = pairwise["questions"], pairwise["summary"]
+    outcomes = [_model_a_outcome(q["raw_verdict_ab"], q["raw_verdict_ba"]) for q in questions]
+    assert [q["outcome"] for q in questions] == outcomes
+    assert [(q["verdict_ab"], q["verdict_ba"]) for q in questions] == [
+        (_letter(q["raw_verdict_ab"]), _letter(q["raw_verdict_ba"])) for q in questions]
+    assert [q["chars_a"] for q in questions] == [len(q["answer_a"]) for q in questions]
+    assert [q["chars_b"] for q in questions] == [len(q["answer_b"]) for q in questions]
+    counts = {k: outcomes.count(k) for k in ("win", "tie", "loss", "invalid")}
+    assert (summary["win"], summary["tie"], summary["loss"], summary["invalid_questions"]) == (
+        counts["win"], counts["tie"], counts["loss"], counts["invalid"])
+    letters = [_letter(q[f"raw_verdict_{order}"]) for q in questions for order in ("ab", "ba")]
+    assert summary["invalid_verdicts"] == letters.count(None)
+    assert summary["verdict_letters"] == {k: letters.count(k) for k in "ABC"}
+    points = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+    valid = [(points[o], len(q["answer_a"]) - len(q["answer_b"])) for o, q in zip(outcomes, questions)
+             if o != "invalid"]
+    expected_rate = sum(p for p, _ in valid) / len(valid) if valid else None
+    assert summary["win_rate"] == pytest.approx(expected_rate)
+    # Length-balanced: questions whose answers are within 20% of the longer one.
+    balanced = [o for o, q in zip(outcomes, questions)
+                if abs(len(q["answer_a"]) - len(q["answer_b"])) <= 0.2 * max(len(q["answer_a"]), len(q["answer_b"]))]
+    assert [q["similar_length"] for q in questions] == [
+        abs(len(q["answer_a"]) - len(q["answer_b"])) <= 0.2 * max(len(q["answer_a"]), len(q["answer_b"]))
+        for q in questions]
+    lb = summary["length_balanced"]
+    assert (lb["questions"], lb["win"], lb["tie"], lb["loss"]) == (
+        len(balanced), balanced.count("win"), balanced.count("tie"), balanced.count("loss"))
+    balanced_valid = [points[o] for o in balanced if o != "invalid"]
+    assert lb["win_rate"] == pytest.approx(sum(balanced_valid) / len(balanced_valid) if balanced_valid else None)
+    # Length-adjusted: the reported (rate, slope) must be the penalised logistic fit's optimum on the stored data,
+    # i.e. the fit's gradient vanishes there (x = length difference / its standard deviation, L2 of 1 on the slope).
+    rate, slope = summary["length_adjusted_win_rate"], summary["length_slope"]
+    if not valid:
+        assert rate is None
+        return
+    if len({y for y, _ in valid}) == 1:  # one outcome only: the intercept has no finite optimum to check
+        return
+    diffs = [d for _, d in valid]
+    mean = sum(diffs) / len(diffs)
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
+    xs = [d / std if std else 0.0 for d in diffs]
+    b0 = math.log(rate / (1 - rate))
+    ps = [1 / (1 + math.exp(-(b0 + slope * x))) for x in xs]
+    assert sum(p - y for p, (y, _) in zip(ps, valid)) == pytest.approx(0.0, abs=1e-6)
+    assert sum((p - y) * x for p, (y, _), x in zip(ps, valid, xs)) + slope == pytest.approx(0.0, abs=1e-6)
+
+
+def assert_ifeval_scores_follow_from_the_stored_responses(ifeval: dict) -> None:
+    verifier = load_verifier()
+    for name in ("a", "b"):
+        for mode, check in (("strict", verifier.test_instruction_following_strict),
+                            ("loose", verifier.test_instruction_following_loose)):
+            per_prompt = []
+            for row in ifeval["prompts"]:
+                example = verifier.InputExample(key=row["key"], instruction_id_list=row["instruction_id_list"],
+                                                prompt=row["prompt"], kwargs=row["kwargs"])
+                with seeded_random(row["key"]):  # the reference draws at random for some prompts (see there)
+                    verdicts = check(example, {row["prompt"]: row[f"response_{name}"]}).follow_instruction_list
+                assert row[f"{mode}_{name}"] == verdicts, (name, mode, row["key"])
+                per_prompt.append(verdicts)
+            flat = [v for verdicts in per_prompt for v in verdicts]
+            reported = ifeval[name][mode]
+            assert reported["prompt_level"] == pytest.approx(sum(all(v) for v in per_prompt) / len(per_prompt))
+            assert reported["instruction_level"] == pytest.approx(sum(flat) / len(flat))
+        assert ifeval[name]["prompts"] == len(ifeval["prompts"])
+
+
 @pytest.mark.slow
-def test_eval_cli_compares_two_real_models_on_20_vicuna_questions_and_50_ifeval_prompts(
+def test_eval_cli_reports_scores_that_follow_from_its_stored_verdicts_on_20_vicuna_and_50_ifeval(
     oracle_path, sft_model_path, tmp_path, capsys
 ):
     from reflect_trainer.cli import main
@@ -208,30 +299,21 @@ def test_eval_cli_compares_two_real_models_on_20_vicuna_questions_and_50_ifeval_
     questions = result["pairwise"]["questions"]
     assert len(questions) == 20
     assert result["judge"]["identity"].startswith("transformers:")
-    summary = result["pairwise"]["summary"]
-    assert summary["win"] + summary["tie"] + summary["loss"] + summary["invalid_questions"] == 20
-    assert summary["invalid_verdicts"] == sum((q["verdict_ab"] is None) + (q["verdict_ba"] is None)
-                                              for q in questions)
-    for q in questions:
-        assert {"raw_verdict_ab", "raw_verdict_ba", "chars_a", "chars_b", "outcome"} <= set(q)
-        assert q["chars_a"] == len(q["answer_a"]) and q["chars_b"] == len(q["answer_b"])
     # Two different real models: their answers differ somewhere.
     assert any(q["answer_a"] != q["answer_b"] for q in questions)
     assert all(q["answer_a"].strip() for q in questions)
-    assert summary["length_balanced"]["questions"] == sum(q["similar_length"] for q in questions)
-    assert summary["length_adjusted_win_rate"] is None or 0.0 <= summary["length_adjusted_win_rate"] <= 1.0
+    # Everything reported is recomputed here from what the judge wrote (the stored raw verdicts) and the stored
+    # answers, with the paper's rule written out again, and must agree exactly.
+    assert_pairwise_summary_follows_from_the_stored_verdicts(result["pairwise"])
 
-    # IFEval: 50 prompts, strict and loose accuracy at prompt and instruction level, for both models.
+    # IFEval: 50 prompts; each stored response is re-checked by the reference verifier, and the reported strict and
+    # loose accuracies are recomputed from those per-instruction verdicts.
     assert len(result["ifeval"]["prompts"]) == 50
-    for name in ("a", "b"):
-        scores = result["ifeval"][name]
-        for mode in ("strict", "loose"):
-            for level in ("prompt_level", "instruction_level"):
-                assert 0.0 <= scores[mode][level] <= 1.0
-            # Loose is the reference's upper bound on strict.
-            assert scores["loose"]["prompt_level"] >= scores["strict"]["prompt_level"]
+    assert_ifeval_scores_follow_from_the_stored_responses(result["ifeval"])
 
     printed = capsys.readouterr().out
-    assert "pairwise, A vs B on 20 questions: win" in printed
+    summary = result["pairwise"]["summary"]
+    assert (f"pairwise, A vs B on 20 questions: win {summary['win']}  tie {summary['tie']}  "
+            f"loss {summary['loss']}  invalid {summary['invalid_questions']}") in printed
     assert "IFEval on 50 prompts" in printed
     print(printed)  # shown with -s: the summary table

@@ -3,6 +3,7 @@ SmolLM2), and against a scripted loopback server that injects faults (retries, t
 redirects, API keys)."""
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -369,14 +370,21 @@ def real_server(oracle_path, tmp_path_factory):
 
 class RecordingProxy:
     """Forwards every request to ``target`` (the real server) and records each POST body with the server's reply:
-    the prompt actually sent and the text actually generated."""
+    the prompt actually sent and the text actually generated. ``post_status``: answer every POST with it instead
+    (a server that fails its completions while still saying what it serves)."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, post_status: int | None = None):
         self.exchanges: list[tuple[dict, dict | None]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def _forward(self, body=None):
+                if body is not None and post_status is not None:  # fault injection: fail every completion
+                    outer.exchanges.append((json.loads(body), None))
+                    self.send_response(post_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 request = urllib.request.Request(target + self.path, data=body, method=self.command,
                                                  headers={"Content-Type": "application/json"})
                 try:
@@ -439,3 +447,48 @@ def test_recycles_real_pairs_through_a_real_loopback_server(real_server, oracle_
     again = Recycler(config)
     assert again.recycle_dataset(data)["recycled_output"] == out["recycled_output"]
     assert again.stats()["oracle_calls"] == 0
+
+
+def test_servers_that_serve_different_models_are_refused_by_name(serve):
+    a = serve(models=[{"id": "m", "root": "/weights/a", "max_model_len": 4096}])
+    b = serve(models=[{"id": "m", "root": "/weights/b", "max_model_len": 4096}])
+    with pytest.raises(ValueError, match="serve different models") as err:
+        OpenAIHTTPOracle(None, base_url=f"{a.url},{b.url}", served_model="m")
+    assert "/weights/a" in str(err.value) and "/weights/b" in str(err.value)
+    with pytest.raises(ValueError, match="serve different models"):
+        identity_for(None, "m", base_url=[a.url, b.url])
+
+
+def test_a_server_gone_mid_run_is_routed_around_and_the_identity_is_a_single_servers(serve):
+    gone, up = serve(), serve()
+    oracle = OpenAIHTTPOracle(None, base_url=[gone.url, up.url], served_model="m", backoff_cap=0.05, max_retries=2)
+    assert oracle.identity == identity_for(None, "m", base_url=up.url)  # same cache key as one server
+    gone.close()
+    out = oracle.generate([PROMPT] * 6, SETTINGS)
+    assert [g.error for g in out] == [None] * 6 and all(g.text.startswith("Hello") for g in out)
+    assert len(up.posts) == 6
+
+
+@pytest.mark.slow
+def test_requests_spread_over_two_real_servers_and_a_failing_one_is_routed_around(real_server, oracle_path, tmp_path):
+    from reflect_trainer.embedded import load_alpaca_eval
+
+    target = real_server.removesuffix("/v1")
+    first, second = RecordingProxy(target), RecordingProxy(target)
+    failing = RecordingProxy(target, post_status=503)  # says what it serves, fails every completion
+    urls = [f"{proxy.url}/v1" for proxy in (first, failing, second)]
+    config = ReflectionConfig(oracle_engine="openai", oracle_base_url=",".join(urls), oracle_model_path=oracle_path,
+                              oracle_served_model=oracle_path, oracle_concurrency=2, cache_dir=str(tmp_path),
+                              mode="response", template_set="compact", max_new_tokens=8, progress_bar=False)
+    data = load_alpaca_eval(limit=4, max_answer_words=30)  # short prompts: the routing, not the prefill, costs
+    out = Recycler(config).recycle_dataset(data)
+    answered = [body["prompt"] for proxy in (first, second) for body, reply in proxy.exchanges if reply is not None]
+    assert len(first.exchanges) >= 1 and len(second.exchanges) >= 1  # both servers generated
+    assert len(answered) == len(set(answered)) == 4  # each pair's prompt generated once
+    assert failing.exchanges and {body["prompt"] for body, _ in failing.exchanges} <= set(answered)
+    assert not [r for r in out["response_reflection_fallback"] if r and r.startswith("oracle_error")]
+    # The cache key is a single server's: one of them alone finds every row cached.
+    posts = len(second.exchanges)
+    alone = Recycler(dataclasses.replace(config, oracle_base_url=urls[2]))
+    assert alone.recycle_dataset(data)["recycled_output"] == out["recycled_output"]
+    assert alone.stats()["cache_hits"] == 4 and len(second.exchanges) == posts

@@ -39,16 +39,47 @@ def test_bad_row_raises_naming_row_and_field_before_oracle_work(tmp_path, bad, m
             recycler(tmp_path).recycle_dataset(Dataset.from_list(rows))
 
 
+@pytest.fixture(scope="module")
+def short_pairs():
+    """The 4 real AlpacaEval pairs with the shortest instruction + answer: the real oracle answers them in seconds."""
+    from reflect_trainer.embedded import load_alpaca_eval
+
+    rows = sorted(load_alpaca_eval(max_answer_words=12), key=lambda r: len(r["instruction"]) + len(r["output"]))
+    return [{"instruction": r["instruction"], "input": "", "output": r["output"]} for r in rows[:4]]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache for this module's real-oracle tests: the good pairs are generated once, then read from here."""
+    return str(tmp_path_factory.mktemp("real_oracle_cache"))
+
+
+def real_recycler(cache_dir, oracle, **kwargs):
+    config = ReflectionConfig(cache_dir=cache_dir, progress_bar=False, template_set="compact", mode="response",
+                              max_new_tokens=16, **kwargs)
+    return Recycler(config, oracle=oracle)
+
+
 @pytest.mark.parametrize("bad,message,reason", BAD_ROWS, ids=[r for _, _, r in BAD_ROWS])
-def test_bad_row_is_skipped_and_counted_when_configured(tmp_path, bad, message, reason):
-    rows = [GOOD] * 3 + [bad] + [GOOD]
-    batch = {k: [r[k] for r in rows] for k in GOOD}
-    r = recycler(tmp_path, script=lambda c: "Red, yellow and blue are the primary colours of paint mixing.",
-                 on_bad_row="skip", mode="response")
-    out = r(batch, indices=list(range(5)))
+def test_bad_row_is_skipped_and_counted_while_the_good_rows_are_recycled_by_the_real_oracle(
+        shared_cache, real_oracle, short_pairs, bad, message, reason):
+    rows = short_pairs[:3] + [bad] + short_pairs[3:]
+    oracle = CountingOracle(real_oracle)
+    r = real_recycler(shared_cache, oracle, on_bad_row="skip")
+    out = r({k: [row[k] for row in rows] for k in GOOD}, indices=list(range(5)))
     assert out["skip_reason"][3] is not None and message in out["skip_reason"][3]
     assert all(out["skip_reason"][i] is None for i in (0, 1, 2, 4))
-    assert r.stats()["rows_skipped"] == 1 and r.stats()[f"skipped/{reason}"] == 1
+    stats = r.stats()
+    assert stats["rows_skipped"] == 1 and stats[f"skipped/{reason}"] == 1
+    # Exactly the 4 good rows were asked for: generated now (the first case) or read from what the oracle generated
+    # for the first case. The bad row's prompt would be a fifth, uncached one.
+    assert stats["cache_hits"] + stats["oracle_prompts"] == 4 and len(oracle.prompts) == stats["oracle_prompts"]
+    sent = [m["content"] for conversation in oracle.prompts for m in conversation if m["role"] == "user"]
+    assert all(any(p["output"] in text for p in short_pairs) for text in sent)
+    assert out["response_reflection_raw"][3] is None and out["recycled_output"][3] is None
+    for i in (0, 1, 2, 4):
+        generated = out["response_reflection_raw"][i]
+        assert isinstance(generated, str) and generated.replace("[Better Answer]", "").strip()
 
 
 def test_missing_column_is_named(tmp_path):
@@ -129,21 +160,36 @@ def test_reflection_config_parses_next_to_trl_configs(tmp_path):
     assert (sft.learning_rate, sft.seed, reflection.oracle_seed) == (2e-5, 7, 3)
 
 
-def test_own_template_from_a_yaml_file_is_used_and_keyed_by_its_text(tmp_path):
+TEMPLATE = (
+    "name: my-response\nversion: '3'\nphase: response_reflection\nsteps:\n"
+    "  - name: improve\n    user: '{user}'\n"
+    "    prefill: '[Better Answer] '\n    stop: ['[End]']\n    sections: {{output: Better Answer}}\n"
+)
+
+
+def test_own_template_from_a_yaml_file_is_sent_to_the_real_oracle_and_keyed_by_its_text(
+        tmp_path, shared_cache, real_oracle, short_pairs):
+    pair = short_pairs[0]
+    batch = {k: [v] for k, v in pair.items()}
     template = tmp_path / "mine.yaml"
-    template.write_text(
-        "name: my-response\nversion: '3'\nphase: response_reflection\nsteps:\n"
-        "  - name: improve\n    user: 'Improve this reply to {instruction}: {output}'\n"
-        "    prefill: '[Better Answer] '\n    stop: ['[End]']\n    sections: {output: Better Answer}\n"
-    )
-    seen = []
-
-    def script(conversation):
-        seen.append(conversation)
-        return "Red, yellow and blue are the three primary colours used in painting."
-
-    r = recycler(tmp_path, script=script, mode="response", response_template_path=str(template))
-    out = r({k: [v] for k, v in GOOD.items()}, indices=[0])
-    assert seen[0][0]["content"] == "Improve this reply to Name three primary colours.: Red, yellow and blue."
-    assert out["recycled_output"][0].startswith("Red, yellow and blue are the three")
+    template.write_text(TEMPLATE.format(user="Improve this reply to {instruction}: {output}"))
+    oracle = CountingOracle(real_oracle)
+    r = real_recycler(shared_cache, oracle, response_template_path=str(template))
+    out = r(batch, indices=[0])
     assert r.templates["response_reflection"].id == "my-response@3"
+    assert oracle.sizes == [1]
+    assert oracle.prompts[0] == [
+        {"role": "user", "content": f"Improve this reply to {pair['instruction']}: {pair['output']}"},
+        {"role": "assistant", "content": "[Better Answer] "},  # the file's pre-fill, continued by the oracle
+    ]
+    generated = out["response_reflection_raw"][0]
+    assert generated.replace("[Better Answer]", "").strip()  # the real oracle wrote something after the pre-fill
+
+    # The same file again: served from the cache. The same name and version with other text: asked again.
+    again = real_recycler(shared_cache, oracle, response_template_path=str(template))
+    assert again(batch, indices=[0])["response_reflection_raw"][0] == generated and oracle.sizes == [1]
+    template.write_text(TEMPLATE.format(user="Rewrite the reply to {instruction} so it is better: {output}"))
+    edited = real_recycler(shared_cache, oracle, response_template_path=str(template))
+    edited(batch, indices=[0])
+    assert edited.templates["response_reflection"].id == "my-response@3" and oracle.sizes == [1, 1]
+    assert oracle.prompts[1][0]["content"].startswith("Rewrite the reply to")

@@ -74,3 +74,50 @@ def test_threshold_is_configurable():
     scores = {**BASE, "q": S(0.4, 0.9), "a": S(1.1, 0.7), "qa": S(0.1, 0.1)}
     assert select_version(scores) == "original"
     assert select_version(scores, threshold=1.2) == "a"
+
+
+@pytest.mark.slow
+def test_cli_selective_recycle_scores_with_the_student_given_by_path(oracle_path, tmp_path):
+    """`recycle --mode selective --student PATH` with the real oracle. The student is a small random model (not the
+    oracle's weights), so scores that match perplexities computed by hand with it prove it was the scorer."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from reflect_trainer.cli import main
+    from reflect_trainer.embedded import load_alpaca_eval
+
+    tokenizer = AutoTokenizer.from_pretrained(oracle_path)
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    rows = sorted(load_alpaca_eval(max_answer_words=12), key=lambda r: len(r["instruction"]) + len(r["output"]))[:2]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"instruction": r["instruction"], "input": "", "output": r["output"]}) + "\n"
+                            for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert main(["recycle", str(data), "--out", str(out), "--engine", "transformers", "--quantization", "none",
+                 "--mode", "selective", "--student", str(tmp_path / "student"), "--templates", "compact",
+                 "--max-new-tokens", "16", "--keep-dropped"]) == 0
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["instruction"] for r in exported] == [r["instruction"] for r in rows]
+    enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for row in exported:
+        q, a = row["instruction"], row["output"]
+        prompt = enc(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                   add_generation_prompt=True))
+        bos = [tokenizer.bos_token_id]
+        ifd = hand_ppl(student, prompt, enc(a)) / hand_ppl(student, bos, enc(a))
+        guess = enc(GUESS_INSTRUCTION_PROMPT.format(response=a))
+        rifd = hand_ppl(student, guess, enc(q)) / hand_ppl(student, bos, enc(q))
+        assert row["ifd_original"] == pytest.approx(ifd, rel=1e-3)
+        assert row["rifd_original"] == pytest.approx(rifd, rel=1e-3)
+        # The `a` version is the real oracle's rewrite of this answer, scored by the same student.
+        assert row["a_raw"].strip()
+        a_ifd = hand_ppl(student, prompt, enc(row["a_output"])) / hand_ppl(student, bos, enc(row["a_output"]))
+        assert row["ifd_a"] == pytest.approx(a_ifd, rel=1e-3)
+        scores = {v: PairScores(row[f"ifd_{v}"], row[f"rifd_{v}"]) for v in ("original", "q", "a", "qa")}
+        assert row["selected_version"] == select_version(scores)

@@ -8,7 +8,6 @@ Each run is its own process (this file, run as a script), so peak memory belongs
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -90,8 +89,9 @@ def test_self_oracle_recycles_and_trains_in_one_process_without_a_second_model(t
     grown_separate = separate["peak"] - separate["baseline"]
     model = own["model_bytes"]
     # Training alone grows the process by far more than the model (allocator arenas, activations, the Trainer), so
-    # the yardstick is the same run with a separate oracle of exactly the student's size: it costs one more model.
-    assert grown_separate - grown_own > 0.6 * model, (grown_own / 2**20, grown_separate / 2**20, model / 2**20)
+    # the yardstick is the same run with a separate oracle of exactly the student's size: it costs one more model
+    # (0.98x in benchmarks/self_oracle_memory.py, 0.72x at worst across its runs; one run varies by up to 0.3x).
+    assert grown_separate - grown_own > 0.5 * model, (grown_own / 2**20, grown_separate / 2**20, model / 2**20)
 
 
 def test_self_oracle_needs_a_peft_student(tmp_path, oracle_path, alpaca_pairs):
@@ -108,17 +108,36 @@ def test_self_oracle_needs_a_peft_student(tmp_path, oracle_path, alpaca_pairs):
                              reflection_config=ReflectionConfig(cache_dir=str(tmp_path), oracle_engine="self"))
 
 
-def test_self_oracle_is_refused_with_a_sharded_student_and_with_overlap_on():
+def lora_trainer(tmp_path, oracle_path, alpaca_pairs, **reflection):
+    """A real ReflectionSFTTrainer around a LoRA student (what ``oracle_engine="self"`` needs), built in __init__."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
     from reflect_trainer import ReflectionConfig
     from reflect_trainer.trainer import ReflectionSFTTrainer
+    from test_trainer import sft_config
 
-    sharded = types.SimpleNamespace(_model_is_sharded=lambda: True)  # what ZeRO-3/FSDP report
-    with pytest.raises(ValueError, match="cannot generate with a sharded student"):
-        ReflectionSFTTrainer._self_oracle(sharded)
-    fake = types.SimpleNamespace(reflection_config=ReflectionConfig(oracle_engine="self", overlap="on"),
-                                 _streaming=False)
+    return ReflectionSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32), args=sft_config(tmp_path),
+        train_dataset=alpaca_pairs.select(range(2)),
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), oracle_engine="self", **reflection))
+
+
+def test_self_oracle_with_overlap_on_is_refused_by_the_trainer(tmp_path, oracle_path, alpaca_pairs):
     with pytest.raises(ValueError, match="overlap='on' cannot work with oracle_engine='self'"):
-        ReflectionSFTTrainer._overlap_wanted(fake)
+        lora_trainer(tmp_path, oracle_path, alpaca_pairs, overlap="on")
+
+
+def test_self_oracle_with_a_sharded_student_is_refused_by_the_trainer(tmp_path, oracle_path, alpaca_pairs,
+                                                                      monkeypatch):
+    """ZeRO-3/FSDP cannot run on this machine; the trainer is told its student is sharded, as it is there."""
+    from reflect_trainer.trainer import ReflectionSFTTrainer
+
+    monkeypatch.setattr(ReflectionSFTTrainer, "_model_is_sharded", lambda self: True)
+    with pytest.raises(ValueError, match="cannot generate with a sharded student"):
+        lora_trainer(tmp_path, oracle_path, alpaca_pairs)
 
 
 if __name__ == "__main__":  # a probe run: python test_self_oracle.py ENGINE OUT_DIR

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from types import ModuleType
 
@@ -86,6 +89,22 @@ def load_verifier() -> ModuleType:
     return module
 
 
+@contextmanager
+def seeded_random(key) -> Iterator[None]:
+    """Python's ``random`` seeded with the prompt's key while the reference checks it, then restored.
+
+    The reference draws at random where a prompt's arguments do not fit an instruction: prompt 1122 asks for at
+    least 4 of the "letter" ``#``, which ``keywords:letter_frequency`` replaces with a random letter each time it is
+    built. Unseeded, the same response to the same prompt could pass in one run and fail in the next.
+    """
+    state = random.getstate()
+    random.seed(f"ifeval:{key}")
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def _accuracies(results: list) -> dict:
     """Prompt level (every instruction of a prompt followed) and instruction level, as the reference reports."""
     instructions = [followed for r in results for followed in r.follow_instruction_list]
@@ -118,8 +137,10 @@ def score_ifeval(prompts: list[dict], responses: list[str]) -> dict:
         example = verifier.InputExample(
             key=row["key"], instruction_id_list=row["instruction_id_list"], prompt=row["prompt"], kwargs=row["kwargs"]
         )
-        strict.append(verifier.test_instruction_following_strict(example, {row["prompt"]: response}))
-        loose.append(verifier.test_instruction_following_loose(example, {row["prompt"]: response}))
+        with seeded_random(row["key"]):
+            strict.append(verifier.test_instruction_following_strict(example, {row["prompt"]: response}))
+        with seeded_random(row["key"]):
+            loose.append(verifier.test_instruction_following_loose(example, {row["prompt"]: response}))
     return {
         "prompts": len(prompts),
         "strict": {**_accuracies(strict), "per_instruction": _per_instruction(strict)},

@@ -7,12 +7,18 @@ serve``, a hosted API.
 * Without one, ``/chat/completions`` gets the messages; a pre-fill is sent as a final assistant message with vLLM's
   ``continue_final_message`` (servers that ignore it write a fresh turn, which the parser then judges).
 
-Requests run concurrently (``concurrency`` threads) over one keep-alive ``httpx2`` client. Timeouts, connection
-errors, 408/409/425/429/5xx and 200s whose body is not a completion (HTML, truncated JSON) are retried with capped
-exponential backoff and jitter, honouring ``Retry-After``. A request that still fails, or that the server refuses
-(another 4xx), fails alone: its row gets ``Generation("", "error", "oracle_error:<status or kind>")``, a counted
-fallback that is not cached, and the other rows of the batch are kept. Only 401/403/404 (wrong key, model or URL)
-stop the run, as every request would fail the same way.
+Several servers of one model (``base_url="http://a:8000/v1,http://b:8000/v1"``, or a list): each must report the
+same identity (else a clear error; the cache key is the one a single server gives), ``concurrency`` requests are in
+flight per server, and each request goes to the server with the fewest in flight (round robin among equals). A
+request that fails on a server (timeout, connection error, 429/5xx, a garbled 200) is retried at once on a server it
+has not failed on, and the failing server is avoided for a backoff that grows while it keeps failing.
+
+Requests run concurrently (``concurrency`` threads per server) over one keep-alive ``httpx2`` client per server.
+Timeouts, connection errors, 408/409/425/429/5xx and 200s whose body is not a completion (HTML, truncated JSON) are
+retried with capped exponential backoff and jitter, honouring ``Retry-After``. A request that still fails, or that the
+server refuses (another 4xx), fails alone: its row gets ``Generation("", "error", "oracle_error:<status or kind>")``,
+a counted fallback that is not cached, and the other rows of the batch are kept. Only 401/403/404 (wrong key, model or
+URL) stop the run, as every request would fail the same way.
 
 Credentials: the API key is read from an environment variable; ``user:password@`` in ``base_url`` is taken out of
 the URL and sent as basic auth. Neither is ever logged, and httpx drops the ``Authorization`` header when a redirect
@@ -27,6 +33,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -56,6 +63,16 @@ _MODEL_FIELDS = ("id", "root", "parent", "max_model_len", "owned_by", "meta")
 #: Rendered with the local chat template: its hash is part of the identity (another template, other prompts).
 _PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"},
           {"role": "user", "content": "V"}]
+
+
+def split_base_urls(base_url: str | list | tuple) -> list[str]:
+    """``oracle_base_url`` as a list of server roots: a comma-separated string (the CLI, HfArgumentParser, a YAML
+    string) or a list (a YAML list, Python). A comma inside a password must be written ``%2C``."""
+    urls = base_url.split(",") if isinstance(base_url, str) else list(base_url or ())
+    urls = [str(u).strip() for u in urls if str(u).strip()]
+    if not urls:
+        raise ValueError("oracle_base_url names no server: give a URL such as http://127.0.0.1:8000/v1")
+    return urls
 
 
 def redact(url: str) -> str:
@@ -139,27 +156,58 @@ def _identity(model: dict, tokenizer, structured_output_api: str) -> str:
         f":{structured_output_api}" if structured_output_api != "vllm" else "")
 
 
+def _describe_all(clients: list[httpx.Client], served_model: str | None, tokenizer,
+                  structured_output_api: str) -> tuple[dict, str]:
+    """The served model's ``/models`` entry and identity, the same on every server, else a ``ValueError``."""
+    models = []
+    for client in clients:
+        models.append(describe_server(client, served_model))
+        served_model = models[0]["id"]  # the name the first server settled on is asked of the others
+    identities = [_identity(m, tokenizer, structured_output_api) for m in models]
+    if len(set(identities)) > 1:
+        differ = "; ".join(f"{redact(str(c.base_url))} reports {m}" for c, m in zip(clients, models))
+        raise ValueError(f"the servers in oracle_base_url serve different models ({differ}): every server must serve "
+                         "the same weights with the same context length, or the cache would mix their outputs under "
+                         "one key; list only servers of one model")
+    return models[0], identities[0]
+
+
 def identity_for(model_path: str | None, served_model: str | None = None, structured_output_api: str = "vllm",
-                 base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY",
+                 base_url: str | list = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 30.0, **_: object) -> str:
     """What the server says it serves (``/models``: name, weights, context), the endpoint (``/completions`` with a
     local tokenizer, else ``/chat/completions``) and a hash of the local chat template's rendering. A structured-output
     field other than the default is part of it: a constraint the server did not apply must not be served from the
-    cache as one it did."""
+    cache as one it did. With several servers, each must report the same; the URLs are not part of it."""
     served_model = served_model or (Path(model_path).name if model_path else None)
-    with _client(base_url, api_key_env, min(timeout, 30.0)) as client:
-        model = describe_server(client, served_model)
-    return _identity(model, _tokenizer(model_path), structured_output_api)
+    clients = [_client(url, api_key_env, min(timeout, 30.0)) for url in split_base_urls(base_url)]
+    try:
+        return _describe_all(clients, served_model, _tokenizer(model_path), structured_output_api)[1]
+    finally:
+        for client in clients:
+            client.close()
+
+
+class _Server:
+    """One server of the pool, and what the router knows of it."""
+
+    def __init__(self, url: str, client: httpx.Client):
+        self.http = client
+        self.where = redact(url)
+        self.in_flight = 0
+        self.failures = 0  # in a row
+        self.avoid_until = 0.0  # monotonic: after a failure, the other servers are preferred until then
 
 
 class OpenAIHTTPOracle:
     """Args:
         model_path: Optional local folder with the oracle's tokenizer (enables exact pre-fills via /completions).
-        base_url: Server root including ``/v1``, e.g. ``http://127.0.0.1:8000/v1``.
+        base_url: Server root including ``/v1``, e.g. ``http://127.0.0.1:8000/v1``; several servers of the same model:
+            a comma-separated string or a list (requests go to the one with the fewest in flight).
         served_model: Model name sent in requests; defaults to the folder name of ``model_path``, else to the one
             model the server lists.
         api_key_env: Name of the environment variable holding the API key (optional for local servers).
-        concurrency: Requests in flight at once.
+        concurrency: Requests in flight at once, per server.
         timeout: Seconds per request.
         max_retries: Retries per request after the first try.
         backoff_cap: Longest sleep between retries, in seconds, unless the server asks for more with ``Retry-After``.
@@ -168,7 +216,7 @@ class OpenAIHTTPOracle:
             ``"vllm_guided"`` (vLLM < 0.12), ``"llama.cpp"`` (GBNF grammar) or ``"none"`` (never sent).
     """
 
-    def __init__(self, model_path: str | None = None, base_url: str = "http://127.0.0.1:8000/v1",
+    def __init__(self, model_path: str | None = None, base_url: str | list = "http://127.0.0.1:8000/v1",
                  served_model: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout: float = 300.0, max_retries: int = 6, backoff_cap: float = 30.0,
                  retry_after_cap: float = 120.0, structured_output_api: str = "vllm", **_: object):
@@ -176,27 +224,31 @@ class OpenAIHTTPOracle:
             raise ValueError(f"structured_output_api must be one of {sorted(STRUCTURED_OUTPUT_APIS)}, "
                              f"got {structured_output_api!r}")
         self._constraint = STRUCTURED_OUTPUT_APIS[structured_output_api]
-        self.where = redact(base_url)
+        self.servers = [_Server(url, _client(url, api_key_env, timeout, concurrency))
+                        for url in split_base_urls(base_url)]
+        self.where = ", ".join(server.where for server in self.servers)
         self.concurrency = concurrency
         self.max_retries, self.backoff_cap, self.retry_after_cap = max_retries, backoff_cap, retry_after_cap
         self.tokens_generated = 0
-        self._http = _client(base_url, api_key_env, timeout, concurrency)
+        self._route_lock = threading.Lock()
+        self._next = 0  # round robin among servers with equally many requests in flight
         self.tokenizer = _tokenizer(model_path)
-        model = describe_server(self._http, served_model or (Path(model_path).name if model_path else None))
+        model, self.identity = _describe_all([s.http for s in self.servers],
+                                             served_model or (Path(model_path).name if model_path else None),
+                                             self.tokenizer, structured_output_api)
         self.served_model = model["id"]
         self.context_length = model.get("max_model_len")  # None: the server does not say; it judges itself
-        self.identity = _identity(model, self.tokenizer, structured_output_api)
 
     def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
         # Prompts are rendered (and measured) here, in one thread: tokenizers are not safe to share across threads.
         requests = [self._body(c, settings) for c in conversations]
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        with ThreadPoolExecutor(max_workers=self.concurrency * len(self.servers)) as pool:
             done = list(pool.map(lambda r: (r, 0) if isinstance(r, Generation) else self._complete(*r, settings),
                                  requests))
         self.tokens_generated += sum(n for _, n in done)
         results = [g for g, _ in done]
         if results and all(g.error == "oracle_error:connect" for g in results):
-            raise RuntimeError(f"the oracle server at {self.where} is unreachable: every request of the batch failed "
+            raise RuntimeError(f"the oracle server(s) at {self.where} unreachable: every request of the batch failed "
                                f"{self.max_retries + 1} times to connect")
         return results
 
@@ -236,12 +288,35 @@ class OpenAIHTTPOracle:
         return finished(text, settings.stop, choice.get("finish_reason") == "length"), (
             tokens if isinstance(tokens, int) else 0)
 
+    def _pick(self, tried: set[int]) -> int:
+        """The server for the next try: one this request has not failed on, not being avoided, with the fewest
+        requests in flight, round robin among equals."""
+        with self._route_lock:
+            now, n = time.monotonic(), len(self.servers)
+            i = min(range(n), key=lambda i: (i in tried, self.servers[i].avoid_until > now,
+                                             self.servers[i].in_flight, (i - self._next) % n))
+            self._next = (i + 1) % n
+            self.servers[i].in_flight += 1
+            return i
+
+    def _settle(self, i: int, server_failed: bool) -> None:
+        with self._route_lock:
+            server = self.servers[i]
+            server.in_flight -= 1
+            server.failures = server.failures + 1 if server_failed else 0
+            server.avoid_until = time.monotonic() + min(self.backoff_cap, 0.5 * 2**server.failures) \
+                if server_failed else 0.0
+
     def _post(self, path: str, payload: bytes) -> dict | str:
         """The completion's JSON, or why the request failed for good (``"400"``, ``"timeout"``, ``"bad_body"``...)."""
+        tried: set[int] = set()
         for attempt in range(self.max_retries + 1):
-            retry_after = None
+            i = self._pick(tried)
+            where = self.servers[i].where
+            retry_after, result = None, None
             try:
-                response = self._http.post(path, content=payload, headers={"Content-Type": "application/json"})
+                response = self.servers[i].http.post(path, content=payload,
+                                                     headers={"Content-Type": "application/json"})
             except httpx.TimeoutException:
                 problem = "timeout"
             except httpx.ConnectError:
@@ -251,25 +326,33 @@ class OpenAIHTTPOracle:
             else:
                 status = response.status_code
                 if status in FATAL_STATUS:
-                    raise RuntimeError(f"the oracle server at {self.where} refused the request to /{path}: HTTP "
+                    self._settle(i, server_failed=False)
+                    raise RuntimeError(f"the oracle server at {where} refused the request to /{path}: HTTP "
                                        f"{status} {response.text[:300]}")
                 if 200 <= status < 300:
-                    data = _completion(response)
-                    if data is not None:
-                        return data
+                    result = _completion(response)
                     problem = "bad_body"
                 elif status in RETRYABLE_STATUS:
                     problem, retry_after = str(status), _retry_after(response)
                 else:  # the server says this request is wrong (an over-long prompt: 400): retrying cannot help
+                    self._settle(i, server_failed=False)
                     logger.warning("oracle server at %s refused a request to /%s: HTTP %d %s; the row falls back",
-                                   self.where, path, status, response.text[:300])
+                                   where, path, status, response.text[:300])
                     return str(status)
+            self._settle(i, server_failed=result is None)
+            if result is not None:
+                return result
+            tried.add(i)
             if attempt == self.max_retries:
                 break
+            if len(tried) < len(self.servers):  # another server has not failed this request: go there now
+                logger.warning("oracle request to %s/%s failed (%s); retry %d/%d on another server", where, path,
+                               problem, attempt + 1, self.max_retries)
+                continue
             sleep = min(self.backoff_cap, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
             if retry_after is not None:
                 sleep = max(sleep, min(retry_after, self.retry_after_cap))
-            logger.warning("oracle request to %s/%s failed (%s); retry %d/%d in %.1f s", self.where, path, problem,
+            logger.warning("oracle request to %s/%s failed (%s); retry %d/%d in %.1f s", where, path, problem,
                            attempt + 1, self.max_retries, sleep)
             time.sleep(sleep)
         logger.warning("oracle request to %s/%s failed %d times (last: %s); the row falls back", self.where, path,
@@ -277,7 +360,8 @@ class OpenAIHTTPOracle:
         return problem
 
     def close(self) -> None:
-        self._http.close()
+        for server in self.servers:
+            server.http.close()
 
 
 def _completion(response: httpx.Response) -> dict | None:
