@@ -4,7 +4,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/reflect_trainer/torch_extensions
 
-.PHONY: setup demo test
+.PHONY: setup demo test faults
 setup:
 	bash scripts/setup.sh
 
@@ -22,3 +22,12 @@ demo: setup
 test: setup
 	bash scripts/setup_test.sh
 	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15
+
+# The fault harnesses (benchmarks/README.md): cache faults with a scripted oracle, HTTP faults against a scripted
+# loopback server (also through training), then kill -9 / resume and two hosts with the real oracle and launchers.
+# Each prints its table and exits non-zero if any counter (rows lost, stored twice, duplicate generations, hangs,
+# wrong hits, credential leaks) is not 0 or a check fails. Needs root (unshare), as the suite does.
+faults: setup
+	OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/faults.py
+	OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/faults_http.py
+	OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/faults_real.py

@@ -315,7 +315,7 @@ def disk_full(root: Path, rng: random.Random, hang: float) -> dict:
 
 
 # ---- the table -------------------------------------------------------------------------------------------------
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kill-trials", type=int, default=20)
     parser.add_argument("--trials", type=int, default=5)
@@ -324,7 +324,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(json.loads(args.worker))
+        worker(json.loads(args.worker))
+        return 0
     rng = random.Random(args.seed)
     scenarios = [
         ("kill -9 at random instants, resume", args.kill_trials, lambda root, i: kill9(root, rng, args.hang)),
@@ -359,7 +360,11 @@ def main() -> None:
           "takeovers: claims of dead owners taken over by the processes that resumed")
     print("all checks: the cache opened after every fault and the final contents equal an uninterrupted run's "
           "(disk full: also a clear error and no torn or merged fragment)")
+    print(f"{time.time() - started:.0f} s in all")
+    # rows lost, stored twice, duplicate generations, hangs, wrong hits: any of them, or a failed check, fails CI
+    failed = any(any(row[i] for i in range(4, 9)) or row[9] != f"{row[1]}/{row[1]}" for row in rows)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

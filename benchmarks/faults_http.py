@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -164,6 +165,94 @@ HTTP_FAULTS = ["500", "429+Retry-After", "timeout", "html 200", "truncated body"
                "400/batch", "503/batch"]
 NAMES = {"400/batch": "http one 400 per batch", "503/batch": "http one 503-always row per batch"}
 
+
+TRAINING_FAULTS = itertools.count()
+
+
+# ---- the same faults through training -------------------------------------------------------------------------
+def training_trial(trial: int, rows: int, tmp: Path, student: Path) -> dict:
+    """``ReflectionSFTTrainer`` with ``oracle_engine="openai"`` (built from the config, as users do) against the
+    scripted server: 20% of requests fail with a fault drawn from all of the above; one row per buffer of 8 is
+    always refused (400) and one always answered 503 (retried ``oracle_max_retries`` times, then a counted
+    fallback). Training must complete, on every row."""
+    from trl import SFTConfig
+
+    from reflect_trainer import ReflectionSFTTrainer
+
+    rng = random.Random(f"training-{trial}")
+    lock = threading.Lock()
+    clean: Counter = Counter()
+    tries: Counter = Counter()  # requests per row number; "hits": random faults served
+
+    def count_clean(body):
+        with lock:
+            clean[prompt_id(body)] += 1
+
+    other = FaultyServer(count_clean, reply=answer)
+    random_faults = [("redirect", 307, f"{other.url}/chat/completions"), (500, 0), (429, 0, {"Retry-After": "1"}),
+                     (200, 0.6), "html", "truncated", "null"]
+
+    def script(body):
+        n = int(row_number(body))
+        with lock:
+            tries[n] += 1
+            if n % 8 in (3, 6):
+                return (400, 0) if n % 8 == 3 else (503, 0)
+            chosen = None
+            if rng.random() < RATE:  # the kinds in turn (across trials), so that each of them happens
+                chosen = random_faults[next(TRAINING_FAULTS) % len(random_faults)]
+                tries["hits"] += 1
+        if chosen is None:
+            count_clean(body)
+        return chosen
+
+    server = FaultyServer(script, reply=answer)
+    base_url = server.url if trial % 2 == 0 else server.url.replace("http://", f"http://alice:{PASSWORD}@")
+    data = Dataset.from_list([{"instruction": f"Explain idea number {i} of photosynthesis.",
+                               "output": f"Idea {i} is about light."} for i in range(rows)])
+    out_dir = tmp / f"training-{trial}"
+    config = ReflectionConfig(oracle_engine="openai", oracle_base_url=base_url, oracle_served_model="m",
+                              oracle_api_key_env="HARNESS_KEY", oracle_timeout=0.3, oracle_max_retries=2,
+                              cache_dir=str(out_dir / "cache"), mode="response", template_set="compact",
+                              buffer_batches=4, progress_bar=False)
+    args = SFTConfig(output_dir=str(out_dir), num_train_epochs=1, per_device_train_batch_size=2, max_length=128,
+                     use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+                     logging_steps=1000, disable_tqdm=True)
+
+    def train():
+        trainer = ReflectionSFTTrainer(model=str(student), args=args, train_dataset=data, reflection_config=config)
+        trainer.train()
+        return trainer.recycled_dataset(), trainer.state.global_step
+
+    try:
+        result, error, hung = run_with_deadline(train)
+    finally:
+        server.close()
+        other.close()
+    exported, steps = result if result is not None else (None, 0)
+    refused = [i for i in range(rows) if i % 8 in (3, 6)]
+    lost = rows if exported is None else rows - len(exported)
+    reasons = {} if exported is None else {
+        int(row_number({"messages": [{"content": r["original_instruction"]}]})): r["response_reflection_fallback"]
+        for r in exported}
+    wrong = 0
+    for n, reason in reasons.items():
+        row = next(r for r in exported if f"number {n} " in r["original_instruction"])
+        if reason is None and not row["recycled_output"].startswith(f"Step {n}:"):
+            wrong += 1
+    served = {answer({"messages": [{"content": f"number {i}"}]}).rsplit(" [End]", 1)[0] for i in range(rows)}
+    cached = RecycleCache(out_dir / "cache").records() if (out_dir / "cache").exists() else []
+    wrong += sum(not r["raw"].strip() or r["raw"].strip() not in served for r in cached)
+    expected = {n: ("oracle_error:400" if n % 8 == 3 else "oracle_error:503") for n in refused}
+    ok = (error is None and steps == rows // 2 and all(reasons.get(n) == why for n, why in expected.items())
+          and all(tries[n] == 3 for n in refused if n % 8 == 6) and all(tries[n] == 1 for n in refused if n % 8 == 3))
+    return {"lost": max(lost, 0), "fallbacks": sum(r is not None for r in reasons.values()),
+            "dup": sum(n > 1 for n in clean.values()), "hangs": int(hung), "wrong": wrong,
+            "leaks": sum(r["auth"] is not None for r in other.requests), "requests": len(server.posts),
+            "elsewhere": len(other.posts), "ok": ok, "steps": steps, "error": repr(error) if error else "",
+            "injected": tries["hits"]}
+
+
 # ---- adversarial data ------------------------------------------------------------------------------------------
 OWN = "Plants turn light, water and carbon dioxide into sugar and oxygen inside their chloroplasts, mostly in leaves."
 REVISED = ReflectionTemplate(
@@ -248,20 +337,22 @@ def adversarial_trial(kind: str, trial: int, tmp: Path) -> dict:
 
 
 def linear_time_ratio() -> float:
+    """t(2M characters) / t(200k): ~10 when linear, ~100 when quadratic. Best of single calls, on strings larger than
+    the CPU caches: on this machine any regex over plain text jumps ~5x in time per character between 50k and 200k
+    characters (cache size, not the pattern), which made t(100k)/t(10k) read 35-50 for a linear pass."""
     def seconds(n):
         text = ("[End" + " " * (n // 20) + "x **Better Answer" + " " * (n // 20) + "y ") * 10
         best = float("inf")
-        for _ in range(5):
+        for _ in range(7):
             start = time.perf_counter()
-            for _ in range(5):
-                neutralize_markers(text, ("Better Answer", "Revised Answer"))
+            neutralize_markers(text, ("Better Answer", "Revised Answer"))
             best = min(best, time.perf_counter() - start)
         return best
 
-    return seconds(100_000) / seconds(10_000)
+    return seconds(2_000_000) / seconds(200_000)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--rows", type=int, default=24)
@@ -272,6 +363,7 @@ def main() -> None:
     header = ("scenario", "trials", "rows", "rows lost", "fallbacks", "dup prompts", "hangs", "wrong cache hits",
               "cred leaks", "notes")
     table = []
+    failed_checks = 0  # checks beyond the counters: a rerun that did not recover, a forged field, an error...
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for fault in HTTP_FAULTS:
@@ -280,9 +372,26 @@ def main() -> None:
                      for k in ("lost", "fallbacks", "dup", "hangs", "wrong", "leaks", "requests", "elsewhere")}
             notes = (f"{total['requests']} requests ({total['elsewhere']} at the other origin) for "
                      f"{args.rows * args.trials} prompts; rerun recovered all: {all(r['rerun_ok'] for r in results)}")
+            failed_checks += sum(not r["rerun_ok"] for r in results)
             table.append((NAMES.get(fault, f"http {fault} @20%"), args.trials,
                           args.rows * args.trials, total["lost"], total["fallbacks"], total["dup"], total["hangs"],
                           total["wrong"], total["leaks"], notes))
+        from faults_real import make_tiny_student
+
+        student = make_tiny_student(Path(tmp) / "student")
+        results = [training_trial(t, args.rows, Path(tmp), student) for t in range(args.trials)]
+        total = {k: sum(r[k] for r in results)
+                 for k in ("lost", "fallbacks", "dup", "hangs", "wrong", "leaks", "requests", "elsewhere")}
+        errors = {r["error"] for r in results if r["error"]}
+        notes = (f"training completed {sum(r['ok'] for r in results)}/{args.trials} "
+                 f"(steps {[r['steps'] for r in results]}, "
+                 f"400 rows tried once, 503 rows 3 times, each its own counted fallback); "
+                 f"{sum(r['injected'] for r in results)} random faults of 7 kinds; {total['requests']} requests "
+                 f"({total['elsewhere']} at the other origin)" + (f", errors {sorted(errors)}" if errors else ""))
+        failed_checks += sum(not r["ok"] for r in results)
+        table.append(("training: ReflectionSFTTrainer, mixed faults @20%", args.trials, args.rows * args.trials,
+                      total["lost"], total["fallbacks"], total["dup"], total["hangs"], total["wrong"], total["leaks"],
+                      notes))
         for kind in ("built-in markers", "custom markers", "v[end] code", "lone surrogates", "100k-char field",
                      "bad history"):
             results = [adversarial_trial(kind, t, Path(tmp)) for t in range(args.trials)]
@@ -291,18 +400,25 @@ def main() -> None:
             total = {k: sum(r[k] for r in results)
                      for k in ("lost", "fallbacks", "dup", "hangs", "wrong", "leaks", "forged", "corrupted", "skipped")}
             errors = {r["error"] for r in results if r["error"]}
+            failed_checks += total["forged"] + total["corrupted"] + len(errors)
             notes = (f"forged fields {total['forged']}, corrupted texts {total['corrupted']}, counted skips "
                      f"{total['skipped']}" + (f", errors {sorted(errors)}" if errors else ""))
             table.append((f"data: {kind}", args.trials, rows * args.trials, total["lost"], total["fallbacks"],
                           total["dup"], total["hangs"], total["wrong"], total["leaks"], notes))
     log_leaks = sum(API_KEY in line or PASSWORD in line for line in LOGS.lines)
+    ratio = linear_time_ratio()
+    failed_checks += ratio > 40  # linear: ~10; quadratic: ~100
     table.append(("logs (all runs)", 1, len(LOGS.lines), "-", "-", "-", "-", "-", log_leaks,
-                  f"log records holding a secret; neutralise t(100k)/t(10k) = {linear_time_ratio():.1f} (linear: ~10)"))
+                  f"log records holding a secret; neutralise t(2M)/t(200k) = {ratio:.1f} (linear: ~10)"))
     widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *table]:
         print(" | ".join(str(v).ljust(w) for v, w in zip(row, widths)))
     print(f"\n{time.perf_counter() - start:.0f} s in all")
+    # rows lost, dup prompts, hangs, wrong cache hits, cred leaks (fallbacks are counted, not failures)
+    counters = sum(row[i] for row in table for i in (3, 5, 6, 7, 8) if isinstance(row[i], int))
+    print(f"failed checks: {failed_checks}")
+    return 1 if counters or failed_checks else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,6 +53,9 @@ class ReflectionConfig:
             `openai` engine: requests in flight at once, per server.
         oracle_timeout (`float`, *optional*, defaults to `300.0`):
             `openai` engine: seconds per request before it is retried.
+        oracle_max_retries (`int`, *optional*, defaults to `6`):
+            `openai` engine: retries of a request that failed in a way worth retrying (timeout, connection, 429, 5xx,
+            a 200 that is not a completion), with capped exponential backoff; then that row falls back (counted).
         oracle_structured_output_api (`str`, *optional*, defaults to `"vllm"`):
             `openai` engine, with `structured_output`: how the server takes the constraint. `"vllm"` (vLLM >= 0.10.2,
             `structured_outputs` regex), `"vllm_guided"` (vLLM < 0.12, `guided_regex`), `"llama.cpp"` (GBNF
@@ -175,6 +178,7 @@ class ReflectionConfig:
     oracle_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "openai engine: API key variable."})
     oracle_concurrency: int = field(default=8, metadata={"help": "openai engine: requests in flight."})
     oracle_timeout: float = field(default=300.0, metadata={"help": "openai engine: seconds per request."})
+    oracle_max_retries: int = field(default=6, metadata={"help": "openai engine: retries per failed request."})
     oracle_structured_output_api: str = field(default="vllm", metadata={
         "help": "openai engine: structured-output field the server takes.", "choices": list(STRUCTURED_OUTPUT_APIS)})
     oracle_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vllm engine: GPU memory share."})
@@ -230,6 +234,8 @@ class ReflectionConfig:
             )
         if self.oracle_sleep_level not in (0, 1, 2):
             raise ValueError(f"oracle_sleep_level must be 0, 1 or 2, got {self.oracle_sleep_level}")
+        if self.oracle_max_retries < 0:
+            raise ValueError(f"oracle_max_retries must be >= 0, got {self.oracle_max_retries}")
         if self.claim_lease_seconds <= 0:
             raise ValueError(f"claim_lease_seconds must be > 0, got {self.claim_lease_seconds}")
         if self.length_budget_ratio < 0 or self.min_length_ratio < 0 or self.loop_ngram < 0:

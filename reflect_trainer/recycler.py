@@ -239,6 +239,7 @@ class Recycler:
         kwargs = dict(quantization=self.oracle_quantization, device=c.oracle_device, batch_size=c.oracle_batch_size,
                       base_url=c.oracle_base_url, served_model=c.oracle_served_model,
                       api_key_env=c.oracle_api_key_env, concurrency=c.oracle_concurrency, timeout=c.oracle_timeout,
+                      max_retries=c.oracle_max_retries,
                       structured_output_api=c.oracle_structured_output_api,
                       gpu_memory_utilization=c.oracle_gpu_memory_utilization, sleep_level=c.oracle_sleep_level,
                       context_length=c.oracle_context_length, threads=c.oracle_threads)

@@ -451,20 +451,35 @@ class ReflectionSFTTrainer(SFTTrainer):
             self._trained.setdefault(row, True)
         return super().training_step(model, inputs, *args, **kwargs)
 
-    # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list.
+    # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list. Every
+    # rank's list is on disk (written whole: temporary file, then rename) before the Trainer writes
+    # trainer_state.json, its last file: a checkpoint a kill -9 left with a trainer state has every list.
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        with open(os.path.join(folder, f"reflect_trained-{self.accelerator.process_index}.json"), "w") as f:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"reflect_trained-{self.accelerator.process_index}.json")
+        with open(path + ".tmp", "w") as f:
             json.dump(list(self._trained), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
 
-    def _load_rng_state(self, checkpoint):
-        super()._load_rng_state(checkpoint)
-        path = os.path.join(checkpoint or "", f"reflect_trained-{self.accelerator.process_index}.json")
-        if checkpoint is not None and os.path.isfile(path):
+    # Read here, not in a hook of the training loop: resumed from its last checkpoint (a run killed while it saved
+    # the model or exported), the loop runs no epoch, and the export must still hold every row trained.
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        path = os.path.join(str(checkpoint), f"reflect_trained-{self.accelerator.process_index}.json")
+        if checkpoint and os.path.isfile(path):
             with open(path) as f:
                 for row in json.load(f):
                     self._trained.setdefault(row, True)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- streamed data ---------------------------------------------------------------------------------------
     def _recycle_stream_rows(self, batch: dict[str, list]) -> dict[str, list]:

@@ -253,6 +253,17 @@ def test_one_refused_row_of_eight_falls_back_and_the_other_seven_are_kept(serve,
     assert again.stats()["cache_hits"] == 7
 
 
+def test_oracle_max_retries_from_the_config_bounds_the_tries_of_a_failing_row(serve, tmp_path):
+    """The trainer and the CLI build the engine from ReflectionConfig: its retry count must reach the engine (it did
+    not exist: a row answered 503 forever held a batch for ~30 s of backoff, whatever the user wanted)."""
+    server = serve(lambda body: (503, 0) if "number 1 " in body["messages"][0]["content"] else None,
+                   reply=better_answer)
+    out = recycler_for(server, tmp_path, oracle_max_retries=1).recycle_dataset(Dataset.from_list(PAIRS[:2]))
+    assert out["response_reflection_fallback"][1] == "oracle_error:503"
+    assert out["response_reflection_fallback"][0] is None
+    assert sum("number 1 " in p["body"]["messages"][0]["content"] for p in server.posts) == 2  # 1 try + 1 retry
+
+
 def test_null_content_is_an_error_and_never_cached_as_empty(serve, tmp_path):
     answers = iter(["null"])
     server = serve(lambda body: next(answers, None), reply=better_answer)

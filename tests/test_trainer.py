@@ -1,5 +1,6 @@
 """ReflectionSFTTrainer in one process, with the real 4-bit SmolLM2 oracle and SmolLM2-135M as the student."""
 
+import json
 import statistics
 
 import pytest
@@ -155,6 +156,81 @@ def test_qlora_student_in_4bit_with_lora_trains_on_cpu(tmp_path, oracle_path, al
     assert counter.at_epoch_end[0] > 0 and counter.at_epoch_end[1] == counter.at_epoch_end[0]
     assert any("lora" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora" not in n)
+
+
+def tiny_student(path, oracle_path):
+    """A 1.6M-parameter Llama with SmolLM2's tokenizer (random weights): for tests of the trainer's bookkeeping."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(oracle_path)
+    config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(oracle_path).save_pretrained(path)
+    return str(path)
+
+
+class KilledAfterTrainerState(Exception):
+    pass
+
+
+def test_checkpoint_whose_trainer_state_is_written_already_holds_the_trained_rows(
+        tmp_path, oracle_path, alpaca_pairs, monkeypatch):
+    """The Trainer writes trainer_state.json last; a checkpoint that has it counts as complete and is resumed from.
+    The rows trained so far (for the export) were written after it, and not atomically: a kill -9 right after the
+    trainer state left a checkpoint whose resumed run exported none of the rows trained before it."""
+    from transformers.trainer_callback import TrainerState
+
+    student = tiny_student(tmp_path / "student", oracle_path)
+    data = alpaca_pairs.select(range(4))
+    config = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact",
+                              buffer_batches=1, progress_bar=False)
+    args = sft_config(tmp_path, num_train_epochs=1, per_device_train_batch_size=1, save_strategy="steps",
+                      save_steps=2, logging_steps=100)
+    save_to_json = TrainerState.save_to_json
+
+    def killed_after_writing(self, path):  # the process dies right after the trainer state is on disk
+        save_to_json(self, path)
+        raise KilledAfterTrainerState
+
+    monkeypatch.setattr(TrainerState, "save_to_json", killed_after_writing)
+    trainer = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
+                                   oracle=ScriptedOracle(lambda c: "A longer and better answer than before. [End]"))
+    with pytest.raises(KilledAfterTrainerState):
+        trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists()
+    assert sorted(json.loads((checkpoint / "reflect_trained-0.json").read_text())) == [0, 1]
+    assert not list(checkpoint.glob("*.tmp"))
+
+    monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
+    resumed = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
+                                   oracle=ScriptedOracle(lambda c: "A longer and better answer than before. [End]"))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    exported = resumed.recycled_dataset()
+    assert exported["original_instruction"] == data["instruction"]  # all 4 rows, 2 of them trained before the kill
+
+
+def test_resumed_from_the_last_checkpoint_the_export_still_holds_every_trained_row(tmp_path, oracle_path,
+                                                                                   alpaca_pairs):
+    """A run killed after its last checkpoint (while saving the model or exporting) resumes from it with no step
+    left: the Trainer then runs no epoch, and the trained rows, read in a hook of its epoch loop, were never loaded:
+    the export was empty."""
+    student = tiny_student(tmp_path / "student", oracle_path)
+    data = alpaca_pairs.select(range(2))
+    config = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact",
+                              buffer_batches=1, progress_bar=False)
+    args = sft_config(tmp_path, num_train_epochs=1, per_device_train_batch_size=1, save_strategy="steps",
+                      save_steps=1, logging_steps=100)
+    oracle = ScriptedOracle(lambda c: "A longer and better answer than before. [End]")
+    first = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config, oracle=oracle)
+    first.train()
+    resumed = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
+                                   oracle=oracle)
+    resumed.train(resume_from_checkpoint=True)  # the newest: checkpoint-2, the end of training
+    assert resumed.state.global_step == 2
+    assert resumed.recycled_dataset().to_list() == first.recycled_dataset().to_list()
 
 
 def test_bad_data_is_caught_at_init_before_any_work(tmp_path, alpaca_pairs):
