@@ -5,7 +5,9 @@ where SQLite's locking and WAL are documented as unsafe. So every writer (proces
 file and nobody ever rewrites a file:
 
 * ``segments/<host>-<pid>-<random>.jsonl``: one record per line, ``<crc32> <json>``. A batch is written and fsynced
-  before the caller goes on, so a ``kill -9`` loses at most the batch in flight. A torn last line fails its checksum
+  before the caller goes on, so a ``kill -9`` loses at most the batch in flight (an engine that answers prompts one
+  by one, as an HTTP server does, stores each answer as it arrives: :meth:`RecycleCache.store_early`, so only the
+  prompts still in flight are lost). A torn last line fails its checksum
   and is ignored on read; the cache always opens. A failed write (disk full) is cut back to the last whole record
   and the segment is abandoned, so a torn fragment never merges with a later record.
 * Readers merge all segments into an in-memory index. They open each segment and read to its end (never trusting a
@@ -219,6 +221,7 @@ class RecycleCache:
         self._fd, self._fd_pid, self._segment_size = None, self._pid, 0
         self._held: dict[str, bytes] = {}  # key -> our claim's content
         self._lock = threading.Lock()
+        self._write_lock = threading.RLock()  # put_many from the caller and from store_early's engine threads
         stat = _proc_stat(self._pid)
         self._owner = {"host": self.host, "boot": _BOOT_ID, "pidns": _pid_namespace(), "pid": self._pid,
                        "start": stat[1] if stat else None, "writer": self.writer_id}
@@ -229,7 +232,7 @@ class RecycleCache:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for name in ("_fd", "_lock", "_held", "_owner"):
+        for name in ("_fd", "_lock", "_write_lock", "_held", "_owner"):
             state.pop(name, None)
         return state
 
@@ -305,6 +308,10 @@ class RecycleCache:
         are skipped. Raises :class:`CacheWriteError` if the write fails; then nothing of this batch is indexed, the
         segment is cut back to its last whole record and a new segment is used for later writes."""
         self._same_process_check()
+        with self._write_lock:
+            self._put_many(records)
+
+    def _put_many(self, records: list[dict]) -> None:
         fresh: dict[str, dict] = {}
         for r in records:
             if r["key"] not in self._index:
@@ -357,6 +364,20 @@ class RecycleCache:
     # ---- claims (leases) -------------------------------------------------------------------------------------
     def _claim_path(self, key: str) -> Path:
         return self.claims_dir / key
+
+    def store_early(self, records: list[dict]) -> None:
+        """Store records of keys we hold *while* ``generate`` runs (from any thread), and give up their claims.
+
+        For engines that finish prompts one by one (an HTTP server answering concurrent requests): each answer is
+        durable as soon as it arrives, so a crash in the middle of a long call loses only the prompts still in
+        flight, not those already answered. Records of keys we do not hold (someone else's) are ignored; what
+        ``generate`` returns later for these keys is skipped, as they are indexed."""
+        with self._lock:
+            ours = [r for r in records if r["key"] in self._held]
+        if ours:
+            self.put_many(ours)
+            for r in ours:
+                self.release(r["key"])
 
     def try_claim(self, key: str) -> bool:
         """Take the lease on ``key``: True if this process now holds it (a free claim, or a stale one taken over).

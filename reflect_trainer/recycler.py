@@ -27,6 +27,7 @@ from .gates import ends_mid_sentence
 from .oracles import (
     FINISH_ERROR,
     FINISH_UNKNOWN,
+    Generation,
     GenerationSettings,
     Oracle,
     as_generation,
@@ -576,8 +577,21 @@ class Recycler:
         oracle could not answer (``finish="error"``), which are not cached, so a later run asks again."""
         oracle = self.oracle
         tokens_before = oracle.tokens_generated
+
+        def record(k: str, g: Generation) -> dict:
+            return {"key": k, "raw": g.text, "finish": g.finish_reason, "phase": template.phase,
+                    "template": template.id, "step": step.name, "t": time.time()}
+
+        stream = {}
+        if getattr(oracle, "streams_results", False):  # store each answer as it arrives (see RecycleCache)
+            def stored_at_once(i: int, g: Generation) -> None:
+                g = as_generation(g)
+                if g.finish_reason != FINISH_ERROR:
+                    self.cache.store_early([record(keys[i], g)])
+
+            stream = {"on_result": stored_at_once}
         start = time.perf_counter()
-        outputs = [as_generation(g) for g in oracle.generate(conversations, settings)]
+        outputs = [as_generation(g) for g in oracle.generate(conversations, settings, **stream)]
         elapsed = time.perf_counter() - start
         if len(outputs) != len(conversations):
             raise RuntimeError(f"oracle returned {len(outputs)} texts for {len(conversations)} prompts")
@@ -585,12 +599,7 @@ class Recycler:
         self._stats.oracle_prompts += len(conversations)
         self._stats.oracle_tokens += oracle.tokens_generated - tokens_before
         self._stats.oracle_seconds += elapsed
-        now = time.time()
-        records = {
-            k: {"key": k, "raw": g.text, "finish": g.finish_reason, "phase": template.phase, "template": template.id,
-                "step": step.name, "t": now}
-            for k, g in zip(keys, outputs)
-        }
+        records = {k: record(k, g) for k, g in zip(keys, outputs)}
         failed = {}
         for k, g in zip(keys, outputs):
             if g.finish_reason == FINISH_ERROR:

@@ -492,3 +492,28 @@ def test_requests_spread_over_two_real_servers_and_a_failing_one_is_routed_aroun
     alone = Recycler(dataclasses.replace(config, oracle_base_url=urls[2]))
     assert alone.recycle_dataset(data)["recycled_output"] == out["recycled_output"]
     assert alone.stats()["cache_hits"] == 4 and len(second.exchanges) == posts
+
+
+def test_answers_are_stored_as_they_arrive_so_a_crash_mid_batch_loses_only_the_requests_in_flight(serve, tmp_path):
+    """One slow row used to hold the other seven answers in memory until the whole batch was back: a kill -9 in that
+    window lost all eight. Each answer is now durable when it arrives: an independent reader of the cache directory
+    sees the seven while the call is still blocked on the eighth."""
+    gate = threading.Event()
+    server = serve(lambda body: (gate.wait(60), None)[1] if " 3 " in body["messages"][0]["content"] else None,
+                   reply=better_answer)
+    recycler = recycler_for(server, tmp_path, oracle_concurrency=8)
+    pairs = [dict(p, instruction=p["instruction"].replace("OVERLONG ", "")) for p in PAIRS]
+    worker = threading.Thread(target=recycler.recycle_dataset, args=(Dataset.from_list(pairs),),
+                              kwargs={"batch_size": 8})
+    worker.start()
+    try:
+        deadline, stored = time.monotonic() + 60, []
+        while time.monotonic() < deadline and len(stored) < 7:
+            time.sleep(0.05)
+            stored = RecycleCache(tmp_path / "cache").records()  # a fresh reader: what a restart would find
+        assert worker.is_alive() and len(server.posts) == 8  # the batch's call has not returned
+        assert sorted(r["raw"].split(":")[0] for r in stored) == [f"Step {i}" for i in range(8) if i != 3]
+    finally:
+        gate.set()
+        worker.join(60)
+    assert len(RecycleCache(tmp_path / "cache").records()) == 8  # the slow one too, each key once

@@ -38,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx2 as httpx
@@ -239,12 +240,24 @@ class OpenAIHTTPOracle:
         self.served_model = model["id"]
         self.context_length = model.get("max_model_len")  # None: the server does not say; it judges itself
 
-    def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
+    #: Answers arrive one by one: ``generate`` reports each as it comes (``on_result``), so the caller can store it
+    #: before the slowest request of the batch is back (a crash then loses only the requests still in flight).
+    streams_results = True
+
+    def generate(self, conversations: list[Conversation], settings: GenerationSettings,
+                 on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
         # Prompts are rendered (and measured) here, in one thread: tokenizers are not safe to share across threads.
         requests = [self._body(c, settings) for c in conversations]
+
+        def one(i: int) -> tuple[Generation, int]:
+            request = requests[i]
+            result = (request, 0) if isinstance(request, Generation) else self._complete(*request, settings)
+            if on_result is not None:
+                on_result(i, result[0])
+            return result
+
         with ThreadPoolExecutor(max_workers=self.concurrency * len(self.servers)) as pool:
-            done = list(pool.map(lambda r: (r, 0) if isinstance(r, Generation) else self._complete(*r, settings),
-                                 requests))
+            done = list(pool.map(one, range(len(requests))))
         self.tokens_generated += sum(n for _, n in done)
         results = [g for g, _ in done]
         if results and all(g.error == "oracle_error:connect" for g in results):
