@@ -241,7 +241,8 @@ class Recycler:
                       api_key_env=c.oracle_api_key_env, concurrency=c.oracle_concurrency, timeout=c.oracle_timeout,
                       structured_output_api=c.oracle_structured_output_api,
                       gpu_memory_utilization=c.oracle_gpu_memory_utilization, sleep_level=c.oracle_sleep_level,
-                      context_length=c.oracle_context_length, threads=c.oracle_threads)
+                      context_length=c.oracle_context_length, threads=c.oracle_threads,
+                      batch_tokens=c.oracle_batch_tokens, prefix_cache=c.oracle_prefix_cache)
         return {k: v for k, v in kwargs.items() if v is not None}
 
     @property
