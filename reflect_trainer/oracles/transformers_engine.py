@@ -32,6 +32,22 @@ def shared_prefix_length(rows: list[list[int]]) -> int:
     return n
 
 
+def length_batches(lengths: list[int], max_new_tokens: int, batch_tokens: int, batch_size: int) -> list[list[int]]:
+    """Row indices sorted by length, cut into sub-batches of at most ``batch_size`` rows whose rows times (longest
+    row + ``max_new_tokens``) fits ``batch_tokens``; a row over the budget goes alone. ``batch_tokens <= 0``: cut by
+    ``batch_size`` only."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if batch_tokens <= 0:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches: list[list[int]] = [[]]
+    for i in order:  # ascending: the row added is the longest so far
+        cost = (len(batches[-1]) + 1) * (lengths[i] + max_new_tokens)
+        if batches[-1] and (cost > batch_tokens or len(batches[-1]) >= batch_size):
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 @contextmanager
 def outside_zero3_init():
     """Load a model whole even while a ZeRO-3 run is active.
@@ -135,24 +151,11 @@ class TransformersOracle:
             return out
         # The prefix rides on per-row prefill: the padded path (batch_tokens=0) computes every prompt whole.
         prefix = self._prefix(rows) if self.prefix_cache and self.batch_tokens > 0 else ()
-        for idx in self._sub_batches(rows, settings.max_new_tokens):
+        for idx in length_batches([len(r) for r in rows], settings.max_new_tokens, self.batch_tokens,
+                                  self.batch_size):
             for i, text in zip(idx, self._generate_batch([rows[i] for i in idx], prefix, settings)):
                 out[i] = text
         return out
-
-    def _sub_batches(self, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Row indices sorted by length, cut into sub-batches of at most ``batch_size`` rows whose padded length
-        plus ``max_new_tokens``, times the rows, fits ``batch_tokens`` (a longer row goes alone)."""
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        if self.batch_tokens <= 0:
-            return [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
-        batches: list[list[int]] = [[]]
-        for i in order:  # ascending: the row added is the longest so far
-            cost = (len(batches[-1]) + 1) * (len(rows[i]) + max_new_tokens)
-            if batches[-1] and (cost > self.batch_tokens or len(batches[-1]) >= self.batch_size):
-                batches.append([])
-            batches[-1].append(i)
-        return batches
 
     def _prefix(self, rows: list[list[int]]) -> tuple[int, ...]:
         """The longest cached prefix all rows start with; with several rows and none cached, their shared prefix
