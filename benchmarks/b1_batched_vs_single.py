@@ -16,7 +16,7 @@ batch size. One pair at a time costs (prompt tokens x prefill + generated tokens
 best skip its shared prefix and decode for free, so the ratio cannot exceed single / (unshared prompt tokens x prefill).
 
     .venv/bin/python benchmarks/b1_batched_vs_single.py [--pairs 16] [--max-new-tokens 64] [--repeats 3]
-        [--sides before,length,prefix,single] [--batch-tokens 8192] [--quantization none]
+        [--sides before,length,prefix,single] [--batch-tokens 16384] [--quantization none]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from _common import describe, interleaved, machine, median_spread, ratio_of_medi
 
 from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.embedded import default_oracle_path, load_alpaca_eval
-from reflect_trainer.oracles.transformers_engine import TransformersOracle, length_batches
+from reflect_trainer.oracles.transformers_engine import DEFAULT_BATCH_TOKENS, TransformersOracle, length_batches
 from reflect_trainer.templates import TEMPLATE_SETS
 
 SIDES = ("before", "length", "prefix", "single")
@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
-    parser.add_argument("--batch-tokens", type=int, default=8192, help="length batching's budget (oracle_batch_tokens)")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                        help="length batching budget (oracle_batch_tokens)")
     args = parser.parse_args()
     sides = [s for s in SIDES if s in args.sides.split(",")]
     data = load_alpaca_eval(limit=args.pairs)
