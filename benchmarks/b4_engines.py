@@ -94,7 +94,10 @@ def main() -> None:
     if "llama-before" in engines or "llama-after" in engines:
         from reflect_trainer.oracles.llama_cpp_engine import LlamaCppOracle
 
-        oracles["llama"] = LlamaCppOracle(str(smollm2_gguf_path()), batch_size=len(conversations), device="cpu")
+        llama = oracles["llama"] = LlamaCppOracle(str(smollm2_gguf_path()), batch_size=len(conversations), device="cpu")
+        # Context for every prompt at once (the engine's default, 4096, would run the B1 prompts 4 at a time).
+        longest = max(len(llama.tokenize(llama.prompt_text(c))) for c in conversations)
+        llama.context_length = len(conversations) * -(-(longest + args.new_tokens) // 256) * 256
         sides["llama-before"] = side(oracles["llama"], conversations, settings, prefix_cache=False)
         sides["llama-after"] = side(oracles["llama"], conversations, settings, prefix_cache=True)
     started = time.perf_counter()
@@ -108,7 +111,9 @@ def main() -> None:
 
     print(f"B4 on {machine()}; workload {args.workload}: {len(conversations)} prompts in one call"
           + (f" ({sum(lengths)} prompt tokens, {min(lengths)}-{max(lengths)} each)" if lengths else "")
-          + f", at most {args.new_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}; "
+          + f", at most {args.new_tokens} new tokens, greedy; torch threads {torch.get_num_threads()}"
+          + (f", llama.cpp threads {oracles['llama'].params.n_threads}, context {oracles['llama'].context_length}"
+             if "llama" in oracles else "") + "; "
           f"{args.repeats} interleaved rounds after a warm-up ({total:.0f} s)")
     reference = samples.get(REFERENCE)
     ref_s = median_spread([r["seconds"] for r in reference])[0] if reference else None
