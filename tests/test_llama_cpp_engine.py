@@ -123,7 +123,7 @@ def test_shared_prefix_decoded_once_and_copied_gives_the_same_greedy_texts_as_on
     system = {"role": "system", "content": "You are a precise assistant who rewrites training data for AI assistants; "
                                            "keep every fact, fix every error, and answer in full sentences."}
     conversations = [[system, {"role": "user", "content": alpaca_pairs[i]["instruction"] + "\n\n" +
-                               alpaca_pairs[i]["output"][:n]}] for i, n in zip(range(4), (0, 1500, 200, 600))]
+                               alpaca_pairs[i]["output"][:n]}] for i, n in zip(range(4), (0, 1000, 150, 400))]
     settings = GenerationSettings(max_new_tokens=16)
     llama_oracle.prefix_cache = False
     one_at_a_time = [llama_oracle.generate([c], settings)[0] for c in conversations]

@@ -31,12 +31,12 @@ def fp32_oracle(oracle_path):
 
 @pytest.mark.slow
 def test_length_batched_prefix_cached_greedy_texts_equal_one_at_a_time(fp32_oracle, alpaca_pairs):
-    # Prompts of very different lengths (about 40 to 400 tokens) behind one system turn all of them share.
+    # Prompts of very different lengths (about 60 to 280 tokens) behind one system turn all of them share.
     system = {"role": "system", "content": "You are a precise assistant who rewrites training data for AI assistants; "
                                            "keep every fact, fix every error, and answer in full sentences."}
     rows = [alpaca_pairs[i] for i in (0, 1, 2, 3)]
     conversations = [[system, {"role": "user", "content": r["instruction"] + "\n\n" + r["output"][:n]}]
-                     for r, n in zip(rows, (0, 1500, 200, 600))]
+                     for r, n in zip(rows, (0, 1000, 150, 400))]
     settings = GenerationSettings(max_new_tokens=12)
     oracle = fp32_oracle
     oracle.batch_tokens, oracle.prefix_cache = 0, False  # the reference: one prompt per call, no cache, no packing
@@ -46,7 +46,7 @@ def test_length_batched_prefix_cached_greedy_texts_equal_one_at_a_time(fp32_orac
     tokenizer = oracle.tokenizer
     lengths = [len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                              add_special_tokens=False)["input_ids"]) for c in conversations]
-    assert max(lengths) > 5 * min(lengths) and len(length_batches(lengths, 12, 600, 16)) >= 2
+    assert max(lengths) > 4 * min(lengths) and len(length_batches(lengths, 12, 600, 16)) >= 2
     oracle.prefill_tokens = oracle.prefix_tokens_reused = 0
     batched = oracle.generate(conversations, settings)
     assert batched == one_at_a_time
