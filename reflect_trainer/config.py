@@ -39,6 +39,17 @@ class ReflectionConfig:
             Device of the oracle, e.g. `"cuda:1"`. `None`: the rank's CUDA device if any, else CPU.
         oracle_batch_size (`int`, *optional*, defaults to `16`):
             Most prompts per `generate` call; a larger request is split.
+        oracle_batch_tokens (`int`, *optional*, defaults to `16384`):
+            `transformers` engine, length batching: a call's prompts are sorted by length and cut into sub-batches
+            whose rows x (longest prompt + new tokens) stay under this many; each prompt is prefilled on its own (no
+            pad token computed), then a sub-batch decodes together. It bounds KV memory (SmolLM2-135M fp32: ~46 kB a
+            token, 0.75 GB at the default; a 7B fp16 oracle: ~0.5 MB, 8 GB: lower it on a small GPU). `0`: one batch
+            padded to the longest prompt (the behaviour before length batching).
+        oracle_prefix_cache (`bool`, *optional*, defaults to `True`):
+            Reuse the KV cache of the token prefix all prompts of a call share (chat header, system turn, the
+            template's fixed opening): `transformers` computes it once per engine and prefills only the rest,
+            `llama_cpp` decodes it once per call and copies it to every sequence, `vllm` turns on
+            `enable_prefix_caching`. Greedy outputs are unchanged.
         oracle_base_url (`str` or `None`, *optional*, defaults to `None`):
             `openai` engine: the server's URL including `/v1` (default `http://127.0.0.1:8000/v1`). Several servers of
             the same model: comma-separated (`http://a:8000/v1,http://b:8000/v1`; a YAML list also works). Requests
@@ -171,6 +182,9 @@ class ReflectionConfig:
     oracle_quantization: str = field(default="auto", metadata={"help": "auto, nf4, int8 or none."})
     oracle_device: str | None = field(default=None, metadata={"help": "Oracle device; None: auto."})
     oracle_batch_size: int = field(default=16, metadata={"help": "Most prompts per generate call."})
+    oracle_batch_tokens: int = field(default=16384, metadata={
+        "help": "transformers engine: token budget of a length-sorted sub-batch (0: pad all to the longest)."})
+    oracle_prefix_cache: bool = field(default=True, metadata={"help": "Reuse the KV cache of the shared prefix."})
     # repr=False: a URL may carry credentials (user:pass@), and configs are logged.
     oracle_base_url: str | None = field(default=None, repr=False,
                                         metadata={"help": "openai engine: server URL with /v1."})

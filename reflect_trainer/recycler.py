@@ -243,7 +243,8 @@ class Recycler:
                       max_retries=c.oracle_max_retries,
                       structured_output_api=c.oracle_structured_output_api,
                       gpu_memory_utilization=c.oracle_gpu_memory_utilization, sleep_level=c.oracle_sleep_level,
-                      context_length=c.oracle_context_length, threads=c.oracle_threads)
+                      context_length=c.oracle_context_length, threads=c.oracle_threads,
+                      batch_tokens=c.oracle_batch_tokens, prefix_cache=c.oracle_prefix_cache)
         return {k: v for k, v in kwargs.items() if v is not None}
 
     @property

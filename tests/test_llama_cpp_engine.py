@@ -116,6 +116,29 @@ def test_batched_greedy_texts_equal_one_at_a_time(llama_oracle, alpaca_pairs):
 
 @pytest.mark.slow
 @pytest.mark.llama_cpp
+def test_shared_prefix_decoded_once_and_copied_gives_the_same_greedy_texts_as_one_at_a_time(
+        llama_oracle, alpaca_pairs):
+    # Prompts of very different lengths behind one system turn; two slots for four prompts, so a slot that finished
+    # is cleared and takes a fresh copy of the prefix for the next prompt.
+    system = {"role": "system", "content": "You are a precise assistant who rewrites training data for AI assistants; "
+                                           "keep every fact, fix every error, and answer in full sentences."}
+    conversations = [[system, {"role": "user", "content": alpaca_pairs[i]["instruction"] + "\n\n" +
+                               alpaca_pairs[i]["output"][:n]}] for i, n in zip(range(4), (0, 1000, 150, 400))]
+    settings = GenerationSettings(max_new_tokens=16)
+    llama_oracle.prefix_cache = False
+    one_at_a_time = [llama_oracle.generate([c], settings)[0] for c in conversations]
+    llama_oracle.prefix_cache, llama_oracle.batch_size = True, 2
+    try:
+        reused = llama_oracle.prefix_tokens_reused
+        assert llama_oracle.generate(conversations, settings) == one_at_a_time
+        assert llama_oracle.prefix_tokens_reused - reused >= 4 * 30  # the system turn, for each of the four
+    finally:
+        llama_oracle.batch_size = 8
+    assert all(g.text.strip() for g in one_at_a_time)
+
+
+@pytest.mark.slow
+@pytest.mark.llama_cpp
 def test_generation_stops_at_stop_strings_and_max_new_tokens(llama_oracle, alpaca_pairs):
     conversations = instructions(alpaca_pairs, 3)
     before = llama_oracle.tokens_generated

@@ -149,6 +149,16 @@ def test_colocated_llm_gets_memory_share_sleep_mode_and_mapped_quantization(monk
     assert "distributed_executor_backend" not in kwargs  # a single process: vLLM's own executor
 
 
+def test_prefix_caching_is_on_by_default_and_off_with_oracle_prefix_cache_false(
+        monkeypatch, fake_gpu, oracle_path, tmp_path):
+    log = install_fake_vllm(monkeypatch)
+    VLLMOracle(oracle_path)
+    config = ReflectionConfig(oracle_engine="vllm", oracle_model_path=oracle_path, oracle_prefix_cache=False,
+                              cache_dir=str(tmp_path), progress_bar=False)
+    Recycler(config).oracle
+    assert [kwargs["enable_prefix_caching"] for name, kwargs in log if name == "init"] == [True, False]
+
+
 def test_wake_before_and_sleep_after_each_generate(monkeypatch, fake_gpu, oracle_path):
     log = install_fake_vllm(monkeypatch)
     oracle = VLLMOracle(oracle_path, sleep_level=1)

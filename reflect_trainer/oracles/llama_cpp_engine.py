@@ -26,6 +26,7 @@ from ..fingerprint import weights_fingerprint
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'reflect-trainer[llama-cpp]' (builds from source) or bash scripts/build_llama_cpp.sh"
+MIN_PREFIX_TOKENS = 8  # a shared prefix shorter than this is decoded with each prompt
 PREAMBLE_SHARE = 0.35  # structured output: most of max_new_tokens the critique may use
 MIN_SECTION_TOKENS = 4  # structured output: kept free for each section still to write
 
@@ -135,10 +136,12 @@ class LlamaCppOracle:
             divided among the local processes of a distributed run (``LOCAL_WORLD_SIZE``).
         device: ``"cpu"`` or ``"cuda"``/``"cuda:N"`` (every layer offloaded; needs a CUDA build of llama.cpp).
             Default: CUDA when the build supports it.
+        prefix_cache: Decode the token prefix all prompts of a call share once, in a sequence of its own, and copy
+            its KV cells to each sequence as it starts (``llama_memory_seq_cp``) instead of decoding it per prompt.
     """
 
     def __init__(self, model_path: str, batch_size: int = 16, context_length: int = 4096, threads: int | None = None,
-                 device: str | None = None, **_: object):
+                 device: str | None = None, prefix_cache: bool = True, **_: object):
         lib = self._lib = _llama_cpp()
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -184,6 +187,10 @@ class LlamaCppOracle:
         params.no_perf = True
         self.context_length = context_length
         self.batch_size = batch_size
+        self.prefix_cache = prefix_cache
+        #: Prompt tokens decoded, and those a shared prefix saved: what the benchmarks report.
+        self.prefill_tokens = 0
+        self.prefix_tokens_reused = 0
         self.ctx, self._ctx_shape = None, None  # created per call, sized for its prompts (see _context)
         self.batch = lib.llama_batch_init(params.n_batch, 0, 1)
 
@@ -292,9 +299,10 @@ class LlamaCppOracle:
             self._append(seq, token)
 
     # ---- generation -------------------------------------------------------------------------------------------------
-    def _context(self, prompts: list[list[int]], max_new_tokens: int) -> int:
+    def _context(self, prompts: list[list[int]], max_new_tokens: int, prefix_seq: bool = False) -> int:
         """A context for this call: as many parallel sequences as ``context_length`` holds when each gets room for
-        the longest prompt plus ``max_new_tokens``. Reused while the shape stays the same. Returns that room."""
+        the longest prompt plus ``max_new_tokens``, plus one for the shared prefix when ``prefix_seq``. Reused while
+        the shape stays the same. Returns that room."""
         lib = self._lib
         longest = max(len(p) for p in prompts)
         if longest >= self.context_length:
@@ -304,7 +312,7 @@ class LlamaCppOracle:
         room = min(-(-(longest + max_new_tokens) // 256) * 256, self.context_length)  # llama.cpp pads to 256
         # Not fewer for a small call: the same shape for every call of a step keeps the context (creating one costs
         # 50-150 ms); cells of idle sequences cost memory within context_length, no compute.
-        n_seq = max(1, min(self.batch_size, self.context_length // room))
+        n_seq = max(1, min(self.batch_size, self.context_length // room)) + int(prefix_seq)
         if self._ctx_shape != (n_seq, room):
             if self.ctx:
                 lib.llama_free(self.ctx)
@@ -320,13 +328,24 @@ class LlamaCppOracle:
         if not conversations:
             return []
         prompts = [self.tokenize(self.prompt_text(c)) for c in conversations]
-        room = self._context(prompts, settings.max_new_tokens)
+        from .transformers_engine import shared_prefix_length
+
+        shared = shared_prefix_length(prompts) if self.prefix_cache and len(prompts) > 1 else 0
+        shared = shared if shared >= MIN_PREFIX_TOKENS else 0
+        room = self._context(prompts, settings.max_new_tokens, prefix_seq=shared > 0)
         budget = (_SectionBudget(settings.section_format, self.tokenize, settings.max_new_tokens)
                   if settings.section_format is not None else None)
         lib = self._lib
         memory = lib.llama_get_memory(self.ctx)
         waiting = deque(range(len(prompts)))
         free_ids = list(range(lib.llama_n_seq_max(self.ctx)))[::-1]
+        if shared:
+            # The last sequence holds the prefix; each prompt's sequence starts as a copy of it. Sequences have KV
+            # streams of their own (kv_unified=False), so the copy moves the cells (done inside the next decode).
+            prefix_id = free_ids.pop(0)
+            for _ in self._decode([(t, j, prefix_id, False) for j, t in enumerate(prompts[0][:shared])]):
+                pass
+            self.prefill_tokens += shared
         active: dict[int, _Sequence] = {}
         out: list[Generation] = [Generation("")] * len(prompts)
         stop_window = max((len(s.encode()) for s in settings.stop), default=0) + 64  # bytes: enough to see a stop
@@ -334,8 +353,12 @@ class LlamaCppOracle:
             # Continuous batching: a free sequence slot takes the next prompt at once.
             while waiting and free_ids:
                 i = waiting.popleft()
-                seq = _Sequence(i, free_ids.pop(), self._sampler_chain(settings), self._grammar(settings), pos=0,
-                                feed=list(prompts[i]))
+                seq = _Sequence(i, free_ids.pop(), self._sampler_chain(settings), self._grammar(settings), pos=shared,
+                                feed=list(prompts[i][shared:]))
+                if shared:
+                    lib.llama_memory_seq_cp(memory, prefix_id, seq.seq_id, -1, -1)
+                    self.prefix_tokens_reused += shared
+                self.prefill_tokens += len(seq.feed)
                 active[seq.seq_id] = seq
             feed: list[tuple[int, int, int, bool]] = []  # (token, position, seq_id, wants logits)
             for seq in active.values():

@@ -49,6 +49,10 @@ class SelfOracle(TransformersOracle):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.identity = f"self:{student_identity(model)}"
         self.tokens_generated = 0
+        # The padded path, no prefix cache: the student may be sharded (ZeRO-3) or checkpointed, and is called whole
+        # through its PEFT wrapper; length batching's per-row prefill is left to the standalone engine.
+        self.batch_tokens, self.prefix_cache, self._prefixes = 0, False, {}
+        self.prefill_tokens = self.prefix_tokens_reused = 0
 
     @property
     def device(self) -> torch.device:

@@ -15,6 +15,40 @@ from . import Conversation, Generation, GenerationSettings, finished, resolve_qu
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4", "int8", "none")
+# Padded prompt tokens + new tokens per sub-batch: the KV memory it may take (SmolLM2-135M fp32 ~46 kB/token: 0.75 GB).
+# As much as the padded path used for 16 prompts of ~1000 tokens, so no call needs more memory than before; prefill
+# no longer pays for padding, so larger sub-batches only cost attention over pad cells and save decoding steps.
+DEFAULT_BATCH_TOKENS = 16384
+MIN_PREFIX_TOKENS = 8  # a shared prefix shorter than this is not worth a cache entry
+PREFIX_CACHE_ENTRIES = 4  # prefixes kept per engine (one per template step in use)
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Token ids every row starts with, leaving each row at least one of its own (its first logits come from it).
+
+    Taken on the token ids of the whole prompts, so the prefix ends on a token boundary of every row's own
+    tokenization: no re-tokenization of a split text, no boundary merge to repair."""
+    shortest = min(len(r) for r in rows) - 1
+    n = 0
+    while n < shortest and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+def length_batches(lengths: list[int], max_new_tokens: int, batch_tokens: int, batch_size: int) -> list[list[int]]:
+    """Row indices sorted by length, cut into sub-batches of at most ``batch_size`` rows whose rows times (longest
+    row + ``max_new_tokens``) fits ``batch_tokens``; a row over the budget goes alone. ``batch_tokens <= 0``: cut by
+    ``batch_size`` only."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if batch_tokens <= 0:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches: list[list[int]] = [[]]
+    for i in order:  # ascending: the row added is the longest so far
+        cost = (len(batches[-1]) + 1) * (lengths[i] + max_new_tokens)
+        if batches[-1] and (cost > batch_tokens or len(batches[-1]) >= batch_size):
+            batches.append([])
+        batches[-1].append(i)
+    return batches
 
 
 @contextmanager
@@ -49,10 +83,16 @@ class TransformersOracle:
             (default: NF4 on CUDA, none on CPU; see :func:`~reflect_trainer.oracles.resolve_quantization`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: CUDA when available.
         batch_size: Most conversations per ``generate`` call; a larger request is split.
+        batch_tokens: Length batching: the prompts of one call are sorted by length and split into sub-batches whose
+            padded prompt tokens plus new tokens stay under this budget; each prompt is prefilled on its own (no
+            padding computed) and a sub-batch then decodes together. ``0``: the old way, one batch of up to
+            ``batch_size`` prompts padded to the longest (prefill pays for every pad token).
+        prefix_cache: Compute the KV cache of the token prefix all prompts of a call share (chat header, system turn,
+            a template's fixed opening) once per engine and prefill only what follows it. Greedy output is the same.
     """
 
     def __init__(self, model_path: str, quantization: str = "auto", device: str | None = None, batch_size: int = 16,
-                 **_: object):
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, prefix_cache: bool = True, **_: object):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
         quantization, _ = resolve_quantization("transformers", quantization, device)
@@ -87,6 +127,18 @@ class TransformersOracle:
         self.model.eval()
         self.identity = identity_for(model_path, quantization, self.device)
         self.tokens_generated = 0
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        # Per-row prefill assembles a batch cache by hand: only for plain full-attention caches (no sliding window,
+        # no recurrent state), which is what most causal LMs use; other models keep the padded path.
+        packable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+        self.batch_tokens = batch_tokens if packable else 0
+        self.prefix_cache = prefix_cache and packable
+        self._prefixes: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: Prompt tokens computed (prefill, pads included), and those a cached prefix saved: what the benchmarks report.
+        self.prefill_tokens = 0
+        self.prefix_tokens_reused = 0
 
     def _prompt_text(self, conversation: Conversation) -> str:
         if conversation and conversation[-1]["role"] == "assistant":
@@ -96,18 +148,74 @@ class TransformersOracle:
 
     @torch.inference_mode()
     def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
-        prompts = [self._prompt_text(c) for c in conversations]
-        # Sort by length so each sub-batch pads little; restore the order at the end.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out: list[Generation] = [Generation("")] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            for i, text in zip(idx, self._generate_batch([prompts[i] for i in idx], settings)):
+        rows = [self.tokenizer(self._prompt_text(c), add_special_tokens=False)["input_ids"] for c in conversations]
+        out: list[Generation] = [Generation("")] * len(rows)
+        if not rows:
+            return out
+        # The prefix rides on per-row prefill: the padded path (batch_tokens=0) computes every prompt whole.
+        prefix = self._prefix(rows) if self.prefix_cache and self.batch_tokens > 0 else ()
+        for idx in length_batches([len(r) for r in rows], settings.max_new_tokens, self.batch_tokens,
+                                  self.batch_size):
+            for i, text in zip(idx, self._generate_batch([rows[i] for i in idx], prefix, settings)):
                 out[i] = text
         return out
 
-    def _generate_batch(self, prompts: list[str], settings: GenerationSettings) -> list[Generation]:
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+    def _prefix(self, rows: list[list[int]]) -> tuple[int, ...]:
+        """The longest cached prefix all rows start with; with several rows and none cached, their shared prefix
+        (computed and cached now). One row alone never starts a cache entry: its "shared" prefix is itself."""
+        known = [p for p in self._prefixes if all(len(r) > len(p) and tuple(r[:len(p)]) == p for r in rows)]
+        if known:
+            return max(known, key=len)
+        if len(rows) < 2:
+            return ()
+        prefix = tuple(rows[0][:shared_prefix_length(rows)])
+        if len(prefix) < MIN_PREFIX_TOKENS:
+            return ()
+        if len(self._prefixes) >= PREFIX_CACHE_ENTRIES:
+            self._prefixes.pop(next(iter(self._prefixes)))  # the oldest
+        cache = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
+                           logits_to_keep=1).past_key_values
+        self.prefill_tokens += len(prefix)
+        self._prefixes[prefix] = [(layer.keys, layer.values) for layer in cache.layers]
+        return prefix
+
+    def _packed_cache(self, rows: list[list[int]], prefix: tuple[int, ...]):
+        """The batch's KV cache for every row but its last token, right-aligned (left padding), each row prefilled
+        on its own after the shared prefix: no pad token is computed. generate() then feeds the last column."""
+        from transformers import DynamicCache
+
+        width = max(len(r) for r in rows) - 1
+        if width == 0:
+            return None
+        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        for b, row in sorted(enumerate(rows), key=lambda x: -len(x[1])):  # longest first: it sizes the tensors
+            known = self._prefixes[prefix] if prefix else []
+            cache = DynamicCache(ddp_cache_data=known or None)
+            rest = row[len(prefix):-1]
+            if rest:
+                self.model(input_ids=torch.tensor([rest], device=self.device), past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+                self.prefill_tokens += len(rest)
+            self.prefix_tokens_reused += len(prefix)
+            n = len(row) - 1
+            if n == 0:
+                continue
+            if kv is None:
+                kv = [(k.new_zeros((len(rows), *k.shape[1:2], width, k.shape[3])),
+                       v.new_zeros((len(rows), *v.shape[1:2], width, v.shape[3])))
+                      for k, v in ((layer.keys, layer.values) for layer in cache.layers)]
+            for (k_all, v_all), layer in zip(kv, cache.layers):
+                k_all[b, :, width - n:] = layer.keys[0]
+                v_all[b, :, width - n:] = layer.values[0]
+        return DynamicCache(ddp_cache_data=kv)
+
+    def _generate_batch(self, rows: list[list[int]], prefix: tuple[int, ...], settings: GenerationSettings
+                        ) -> list[Generation]:
+        enc = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)  # left padding
+        if self.batch_tokens > 0:
+            enc["past_key_values"] = self._packed_cache(rows, prefix)
+        else:
+            self.prefill_tokens += enc["input_ids"].numel()
         # synced_gpus=False: generate() would otherwise turn it on whenever ZeRO-3 is active and keep every rank
         # stepping until all finish. The oracle is whole on each rank, and ranks call it out of step (different
         # cache hits, different numbers of accepted rows): synced, they would hang in each other's collectives.

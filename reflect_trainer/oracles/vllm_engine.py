@@ -93,10 +93,15 @@ class VLLMOracle:
         context_length: Longest prompt plus output (``max_model_len``), capped at the model's own maximum.
         device: Must be unset or ``"cuda"``: vLLM runs on the rank's own GPU. For another GPU, serve the model with
             ``vllm serve`` there and use the ``openai`` engine.
+        prefix_cache: vLLM's automatic prefix caching (``enable_prefix_caching``): KV blocks of a prompt prefix
+            already computed (the chat header and a template's fixed text, shared by every prompt of a step) are
+            reused instead of prefilled again. On by default in vLLM v1; set here so ``oracle_prefix_cache=False``
+            turns it off for every engine alike.
     """
 
     def __init__(self, model_path: str, quantization: str = "nf4", gpu_memory_utilization: float = 0.3,
-                 sleep_level: int = 1, context_length: int | None = 4096, device: str | None = None, **_: object):
+                 sleep_level: int = 1, context_length: int | None = 4096, device: str | None = None,
+                 prefix_cache: bool = True, **_: object):
         # Every check comes before anything heavy: settings, then vLLM, then the GPU, then the folder.
         _check_quantization(quantization)
         if not 0 < gpu_memory_utilization < 1:
@@ -134,6 +139,7 @@ class VLLMOracle:
             # TRL: vLLM v1's memory profiler, misled by the large default (32768), finds too little memory at low
             # utilisation.
             max_num_batched_tokens=max(4096, max_model_len or 0),
+            enable_prefix_caching=prefix_cache,
         )
         if self._external_launcher:
             kwargs["distributed_executor_backend"] = "external_launcher"
