@@ -13,6 +13,7 @@ from .gates import AcceptanceGates
 MODES = ("instruction", "response", "both", "selective")
 OVERLAP = ("auto", "on", "off")
 STRUCTURED_OUTPUT_APIS = ("vllm", "vllm_guided", "llama.cpp", "none")
+NO_REPEAT_UNSUPPORTED = ("vllm", "openai")  # engines without a no-repeat n-gram option
 
 
 @dataclass
@@ -114,6 +115,15 @@ class ReflectionConfig:
             Nucleus sampling mass when `temperature > 0`.
         oracle_seed (`int`, *optional*, defaults to `0`):
             Sampling seed when `temperature > 0` (not `seed`: that name is `SFTConfig`'s).
+        oracle_repetition_penalty (`float`, *optional*, defaults to `1.0`):
+            Divides the logit of each token the oracle has already written (CTRL's penalty, greedy or sampled; 1.0:
+            off). transformers, self and llama_cpp engines count the oracle's output only, so copying the original's
+            words stays free; vllm passes it as `repetition_penalty` (prompt tokens count there), `openai` sends
+            `repetition_penalty` (vLLM servers) and `repeat_penalty` (llama.cpp servers). Part of the cache key.
+        oracle_no_repeat_ngram_size (`int`, *optional*, defaults to `0`):
+            No run of this many tokens appears twice in the oracle's output (0: off; the prompt is not counted).
+            transformers, self and llama_cpp engines only: vLLM and OpenAI-compatible servers have no such option,
+            and asking for it there is an error. Part of the cache key.
 
         > Acceptance gates (applied when a cached output is read: changing them needs no regeneration)
 
@@ -202,6 +212,10 @@ class ReflectionConfig:
     temperature: float = field(default=0.0, metadata={"help": "0: greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus mass when sampling."})
     oracle_seed: int = field(default=0, metadata={"help": "Oracle sampling seed."})
+    oracle_repetition_penalty: float = field(default=1.0, metadata={
+        "help": "Penalty on tokens the oracle already wrote (1.0: off)."})
+    oracle_no_repeat_ngram_size: int = field(default=0, metadata={
+        "help": "No token n-gram twice in the oracle's output (0: off; transformers, self, llama_cpp)."})
     cache_dir: str = field(default="reflect_cache", metadata={"help": "Persistent cache folder."})
     claim_lease_seconds: float = field(default=60.0, metadata={"help": "Lease of a claimed row without heartbeat."})
     on_bad_row: str = field(default="error", metadata={"help": "error or skip."})
@@ -234,6 +248,15 @@ class ReflectionConfig:
             raise ValueError(f"claim_lease_seconds must be > 0, got {self.claim_lease_seconds}")
         if self.length_budget_ratio < 0 or self.min_length_ratio < 0 or self.loop_ngram < 0:
             raise ValueError("length_budget_ratio, min_length_ratio and loop_ngram must be >= 0")
+        if self.oracle_repetition_penalty <= 0:
+            raise ValueError(f"oracle_repetition_penalty must be > 0 (1.0: off), got {self.oracle_repetition_penalty}")
+        if self.oracle_no_repeat_ngram_size < 0:
+            raise ValueError(f"oracle_no_repeat_ngram_size must be >= 0 (0: off), got "
+                             f"{self.oracle_no_repeat_ngram_size}")
+        if self.oracle_no_repeat_ngram_size and self.oracle_engine in NO_REPEAT_UNSUPPORTED:
+            raise ValueError(f"oracle_no_repeat_ngram_size={self.oracle_no_repeat_ngram_size}: the "
+                             f"{self.oracle_engine} engine has no no-repeat n-gram option; set it to 0 (and use "
+                             "oracle_repetition_penalty), or use the transformers or llama_cpp engine")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
 

@@ -541,6 +541,8 @@ class Recycler:
             seed=c.oracle_seed,
             stop=stop,
             section_format=section_format,
+            repetition_penalty=c.oracle_repetition_penalty,
+            no_repeat_ngram_size=c.oracle_no_repeat_ngram_size,
         )
 
     def _generate_cached(self, template: ReflectionTemplate, step: ReflectionStep, conversations: list,

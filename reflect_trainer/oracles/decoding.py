@@ -1,0 +1,57 @@
+"""Decoding controls against repetition, shared by the local engines: the same rule whatever runs the oracle.
+
+Both count the oracle's *output* only, never the prompt: reflection often has to copy the original's words (a better
+answer keeps what was right in the draft), and a penalty on the prompt's tokens would push a small oracle into
+paraphrase. What they fight is a decoder going round in circles in what it writes itself.
+
+* ``repetition_penalty`` (CTRL, Keskar et al. 2019): the logit of a token already in the output is divided by the
+  penalty when positive, multiplied when negative. transformers: ``RepetitionPenaltyLogitsProcessor`` with the
+  prompt ignored; llama.cpp: its ``penalties`` sampler, which sees only the tokens sampled (the prompt is never
+  accepted into it). vLLM and HTTP servers apply their own ``repetition_penalty`` / ``repeat_penalty``, which also
+  counts prompt tokens (vLLM) or the last 64 tokens of the context (llama.cpp's server).
+* ``no_repeat_ngram_size`` n: a token that would complete a run of n tokens already written is banned (its logit set
+  to -inf). transformers: :class:`OutputNoRepeatNGram`; llama.cpp: the same rule (:func:`banned_tokens`) in the
+  engine's sampling loop. vLLM and HTTP servers have no such option: asking for it there is an error.
+"""
+
+from __future__ import annotations
+
+
+def banned_tokens(output: list[int], n: int) -> set[int]:
+    """Tokens that would complete an ``n``-gram already present in ``output`` (the oracle's tokens so far)."""
+    if n <= 0 or len(output) < n:
+        return set()
+    if n == 1:
+        return set(output)
+    prefix = tuple(output[len(output) - n + 1:])
+    return {output[i + n - 1] for i in range(len(output) - n + 1) if tuple(output[i:i + n - 1]) == prefix}
+
+
+def transformers_processors(prompt_length: int, repetition_penalty: float, no_repeat_ngram_size: int) -> list:
+    """The logits processors of the two controls for ``model.generate`` (empty when both are off); the prompt (left
+    padded to ``prompt_length``) is not counted."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    processors: list = []
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=prompt_length))
+    if no_repeat_ngram_size > 0:
+        processors.append(OutputNoRepeatNGram(prompt_length, no_repeat_ngram_size))
+    return processors
+
+
+class OutputNoRepeatNGram:
+    """transformers logits processor: no ``n``-gram twice in the generated tokens (``input_ids[:, prompt_length:]``).
+
+    transformers' own ``no_repeat_ngram_size`` counts the prompt too, which forbids copying any three words of the
+    draft being improved."""
+
+    def __init__(self, prompt_length: int, n: int):
+        self.prompt_length, self.n = prompt_length, n
+
+    def __call__(self, input_ids, scores):
+        for row, ids in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            banned = banned_tokens(ids, self.n)
+            if banned:
+                scores[row, list(banned)] = -float("inf")
+        return scores
