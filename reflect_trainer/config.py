@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .gates import AcceptanceGates
+from .oracles.decoding import NO_REPEAT_UNSUPPORTED
 
 MODES = ("instruction", "response", "both", "selective")
 OVERLAP = ("auto", "on", "off")
 STRUCTURED_OUTPUT_APIS = ("vllm", "vllm_guided", "llama.cpp", "none")
-NO_REPEAT_UNSUPPORTED = ("vllm", "openai")  # engines without a no-repeat n-gram option
 
 
 @dataclass
@@ -253,10 +253,10 @@ class ReflectionConfig:
         if self.oracle_no_repeat_ngram_size < 0:
             raise ValueError(f"oracle_no_repeat_ngram_size must be >= 0 (0: off), got "
                              f"{self.oracle_no_repeat_ngram_size}")
-        if self.oracle_no_repeat_ngram_size and self.oracle_engine in NO_REPEAT_UNSUPPORTED:
-            raise ValueError(f"oracle_no_repeat_ngram_size={self.oracle_no_repeat_ngram_size}: the "
-                             f"{self.oracle_engine} engine has no no-repeat n-gram option; set it to 0 (and use "
-                             "oracle_repetition_penalty), or use the transformers or llama_cpp engine")
+        engine = "openai" if self.oracle_engine == "auto" and self.oracle_base_url else self.oracle_engine
+        if self.oracle_no_repeat_ngram_size and engine in ("vllm", "openai"):
+            raise ValueError("oracle_" + NO_REPEAT_UNSUPPORTED.format(engine=engine,
+                                                                      n=self.oracle_no_repeat_ngram_size))
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
 

@@ -481,3 +481,19 @@ def test_requests_spread_over_two_real_servers_and_a_failing_one_is_routed_aroun
     alone = Recycler(dataclasses.replace(config, oracle_base_url=urls[2]))
     assert alone.recycle_dataset(data)["recycled_output"] == out["recycled_output"]
     assert alone.stats()["cache_hits"] == 4 and len(second.exchanges) == posts
+
+
+# ---- decoding controls (tests/test_decoding_controls.py has the rest) ---------------------------------------------
+def test_http_engine_sends_the_penalty_under_both_servers_names_and_refuses_no_repeat():
+    server = FaultyServer([])
+    try:
+        oracle = OpenAIHTTPOracle(None, base_url=server.url, served_model="m")
+        oracle.generate([PROMPT], GenerationSettings(max_new_tokens=8, repetition_penalty=1.2))
+        oracle.generate([PROMPT], GenerationSettings(max_new_tokens=8))
+        with pytest.raises(ValueError, match="no_repeat_ngram_size=3"):
+            oracle.generate([PROMPT], GenerationSettings(max_new_tokens=8, no_repeat_ngram_size=3))
+    finally:
+        server.close()
+    penalized, plain = (r["body"] for r in server.posts)
+    assert penalized["repetition_penalty"] == 1.2 and penalized["repeat_penalty"] == 1.2
+    assert "repetition_penalty" not in plain and "repeat_penalty" not in plain and len(server.posts) == 2

@@ -16,6 +16,10 @@ paraphrase. What they fight is a decoder going round in circles in what it write
 
 from __future__ import annotations
 
+NO_REPEAT_UNSUPPORTED = ("no_repeat_ngram_size={n}: the {engine} engine has no no-repeat n-gram option (vLLM and "
+                         "OpenAI-compatible servers offer none); set oracle_no_repeat_ngram_size=0 and use "
+                         "oracle_repetition_penalty, or the transformers or llama_cpp engine")
+
 
 def banned_tokens(output: list[int], n: int) -> set[int]:
     """Tokens that would complete an ``n``-gram already present in ``output`` (the oracle's tokens so far)."""

@@ -1,0 +1,80 @@
+"""Decoding controls against repetition (``oracle_repetition_penalty``, ``oracle_no_repeat_ngram_size``): they reach
+each engine, count the oracle's output and not the prompt, and are part of the cache key (old keys unchanged when
+they are off). The llama.cpp engine's share is in ``test_llama_cpp_engine.py``, next to its loaded model."""
+
+import pytest
+
+from reflect_trainer import Recycler, ReflectionConfig
+from reflect_trainer.oracles import Generation, GenerationSettings
+
+# A conversation that makes the real oracle loop ("hello, hello, ..." to the budget), and one that asks it to copy a
+# sentence of the prompt word for word.
+LOOP = [{"role": "user", "content": "Write the word hello 50 times, separated by commas."},
+        {"role": "assistant", "content": "hello, hello, hello, hello,"}]
+COPY = [{"role": "user", "content": "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog."}]
+
+
+def repeated_ngram(ids: list[int], n: int):
+    seen = set()
+    for i in range(len(ids) - n + 1):
+        if tuple(ids[i:i + n]) in seen:
+            return tuple(ids[i:i + n])
+        seen.add(tuple(ids[i:i + n]))
+    return None
+
+
+@pytest.fixture(scope="module")
+def fp32_oracle(oracle_path):
+    from reflect_trainer.oracles.transformers_engine import TransformersOracle
+
+    return TransformersOracle(oracle_path, quantization="none", device="cpu")
+
+
+@pytest.mark.slow
+def test_transformers_no_repeat_ngram_ends_a_real_loop_yet_lets_the_oracle_copy_the_prompt(fp32_oracle):
+    tokens = fp32_oracle.tokenizer
+    plain, _ = fp32_oracle.generate([LOOP, COPY], GenerationSettings(max_new_tokens=24))
+    loop, copy = fp32_oracle.generate([LOOP, COPY], GenerationSettings(max_new_tokens=24, no_repeat_ngram_size=3))
+    assert plain.finish_reason == "length" and repeated_ngram(tokens(plain.text)["input_ids"], 3)  # it does loop
+    assert loop.finish_reason == "stop" and repeated_ngram(tokens(loop.text)["input_ids"], 3) is None
+    assert "quick brown fox jumps over the lazy dog" in copy.text  # the prompt's n-grams are not banned
+
+
+@pytest.mark.slow
+def test_transformers_repetition_penalty_ends_a_real_loop(fp32_oracle):
+    plain = fp32_oracle.generate([LOOP], GenerationSettings(max_new_tokens=24))[0]
+    penalized = fp32_oracle.generate([LOOP], GenerationSettings(max_new_tokens=24, repetition_penalty=1.5))[0]
+    assert plain.text.count("hello") > 8 and penalized.text.count("hello") < 3, (plain, penalized)
+
+
+def test_controls_are_in_the_cache_key_and_leave_old_keys_alone(tmp_path):
+    from conftest import ScriptedOracle
+
+    rows = {"instruction": ["Say hi."], "input": [""], "output": ["hi"]}
+    asked = []
+
+    def run(**controls):
+        oracle = ScriptedOracle(lambda c: Generation("Hello there, how can I help you today?", "stop"))
+        Recycler(ReflectionConfig(cache_dir=str(tmp_path), mode="response", template_set="compact",
+                                  progress_bar=False, **controls), oracle=oracle)(rows)
+        asked.append(oracle.calls)
+
+    for controls in ({}, {"oracle_repetition_penalty": 1.0, "oracle_no_repeat_ngram_size": 0},
+                     {"oracle_repetition_penalty": 1.2}, {"oracle_no_repeat_ngram_size": 4},
+                     {"oracle_repetition_penalty": 1.2, "oracle_no_repeat_ngram_size": 4},
+                     {"oracle_repetition_penalty": 1.2}):
+        run(**controls)
+    assert asked == [1, 0, 1, 1, 1, 0]  # "off" is the old key; each other setting is a key of its own
+    assert "repetition_penalty" not in GenerationSettings().to_dict()  # keys written before the controls still hit
+    assert GenerationSettings(no_repeat_ngram_size=4).to_dict()["no_repeat_ngram_size"] == 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"oracle_repetition_penalty": 0.0}, "oracle_repetition_penalty must be > 0"),
+    ({"oracle_no_repeat_ngram_size": -1}, "oracle_no_repeat_ngram_size must be >= 0"),
+    ({"oracle_engine": "vllm", "oracle_no_repeat_ngram_size": 3}, "the vllm engine has no no-repeat"),
+    ({"oracle_base_url": "http://127.0.0.1:1/v1", "oracle_no_repeat_ngram_size": 3}, "the openai engine has no"),
+])
+def test_config_refuses_bad_values_and_no_repeat_where_no_engine_offers_it(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ReflectionConfig(**kwargs)
