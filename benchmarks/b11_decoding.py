@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--show", type=int, default=0, help="accepted examples per phase, last setting vs first")
     parser.add_argument("--engine", default="transformers", choices=("transformers", "llama_cpp"),
                         help="transformers: the demo's fp32 oracle; llama_cpp: the same model's Q4_1 GGUF (faster)")
-    parser.add_argument("--max-answer-words", type=int, default=45,
-                        help="the demo takes <= 30 (34 pairs exist); <= 45 gives 54")
+    parser.add_argument("--max-answer-words", type=int, default=30,
+                        help="the demo's filter; 34 AlpacaEval pairs have answers of <= 30 words (54 have <= 45)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker: generate one setting, print nothing
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -24,6 +24,7 @@ from .config import ReflectionConfig
 from .export import DROPPED_BY_SELECTION
 from .formats import BadRowError, Pair, detect_format, row_to_pair, validate_rows
 from .gates import ends_mid_sentence
+from .oracles.decoding import resolve_controls
 from .oracles import (
     FINISH_ERROR,
     FINISH_UNKNOWN,
@@ -211,6 +212,13 @@ class Recycler:
             logger.info("oracle quantization: %s (%s)", self.oracle_quantization, why)
         self._oracle_identity: str | None = None  # computed on first use: an HTTP oracle's asks its server
         self.templates = templates or resolve_templates(self.config, default_oracle=uses_default)
+        penalty, ngram, why = resolve_controls(
+            self.config.oracle_repetition_penalty, self.config.oracle_no_repeat_ngram_size, self.config.oracle_engine,
+            all(t.name.startswith("compact") for t in self.templates.values()))
+        if (penalty, ngram) != (self.config.oracle_repetition_penalty, self.config.oracle_no_repeat_ngram_size):
+            logger.info("oracle decoding: repetition_penalty %s, no_repeat_ngram_size %s (%s)", penalty, ngram, why)
+            self.config = dataclasses.replace(self.config, oracle_repetition_penalty=penalty,
+                                              oracle_no_repeat_ngram_size=ngram)
         # Every marker of the templates in use: data that looks like any of them is neutralised in prompts.
         self.marker_names = tuple(all_marker_names(list(self.templates.values())))
         self.phases = {

@@ -6,6 +6,7 @@ import pytest
 
 from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.oracles import Generation, GenerationSettings
+from reflect_trainer.oracles.decoding import SMALL_ORACLE_CONTROLS, resolve_controls
 
 # A conversation that makes the real oracle loop ("hello, hello, ..." to the budget), and one that asks it to copy a
 # sentence of the prompt word for word.
@@ -59,12 +60,13 @@ def test_controls_are_in_the_cache_key_and_leave_old_keys_alone(tmp_path):
                                   progress_bar=False, **controls), oracle=oracle)(rows)
         asked.append(oracle.calls)
 
-    for controls in ({}, {"oracle_repetition_penalty": 1.0, "oracle_no_repeat_ngram_size": 0},
-                     {"oracle_repetition_penalty": 1.2}, {"oracle_no_repeat_ngram_size": 4},
-                     {"oracle_repetition_penalty": 1.2, "oracle_no_repeat_ngram_size": 4},
-                     {"oracle_repetition_penalty": 1.2}):
+    off = {"oracle_repetition_penalty": 1.0, "oracle_no_repeat_ngram_size": 0}
+    for controls in (off, {**off, "oracle_repetition_penalty": 1.2}, {**off, "oracle_no_repeat_ngram_size": 4},
+                     {"oracle_repetition_penalty": 1.2, "oracle_no_repeat_ngram_size": 4}, {}, off):
         run(**controls)
-    assert asked == [1, 0, 1, 1, 1, 0]  # "off" is the old key; each other setting is a key of its own
+    # Each setting is a key of its own; auto ({}) with the compact templates is the small-oracle setting, already
+    # asked for above; off again is a hit.
+    assert asked == [1, 1, 1, 1, 1 - (SMALL_ORACLE_CONTROLS in ((1.0, 0), (1.2, 0), (1.0, 4), (1.2, 4))), 0]
     assert "repetition_penalty" not in GenerationSettings().to_dict()  # keys written before the controls still hit
     assert GenerationSettings(no_repeat_ngram_size=4).to_dict()["no_repeat_ngram_size"] == 4
 
@@ -78,3 +80,10 @@ def test_controls_are_in_the_cache_key_and_leave_old_keys_alone(tmp_path):
 def test_config_refuses_bad_values_and_no_repeat_where_no_engine_offers_it(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReflectionConfig(**kwargs)
+
+
+def test_auto_controls_follow_the_template_set_and_the_engine_and_set_values_win():
+    assert resolve_controls(None, None, "transformers", compact_templates=True)[:2] == SMALL_ORACLE_CONTROLS
+    assert resolve_controls(None, None, "transformers", compact_templates=False)[:2] == (1.0, 0)
+    assert resolve_controls(None, None, "openai", compact_templates=True)[:2] == (SMALL_ORACLE_CONTROLS[0], 0)
+    assert resolve_controls(1.3, 0, "transformers", compact_templates=True)[:2] == (1.3, 0)

@@ -21,6 +21,29 @@ NO_REPEAT_UNSUPPORTED = ("no_repeat_ngram_size={n}: the {engine} engine has no n
                          "oracle_repetition_penalty, or the transformers or llama_cpp engine")
 
 
+#: ``(repetition_penalty, no_repeat_ngram_size)`` that ``None`` ("auto") stands for with the compact templates, i.e.
+#: a small oracle (the embedded SmolLM2-135M), chosen by measurement: ``benchmarks/b11_decoding.py``.
+SMALL_ORACLE_CONTROLS = (1.0, 4)
+NO_REPEAT_ENGINES = ("transformers", "self", "llama_cpp")
+
+
+def resolve_controls(repetition_penalty: float | None, no_repeat_ngram_size: int | None, engine: str,
+                     compact_templates: bool) -> tuple[float, int, str]:
+    """``(repetition_penalty, no_repeat_ngram_size, why)``: what ``None`` means here; a set value always wins.
+
+    A small oracle writing with the compact templates loops under greedy decoding, and a looping rewrite is
+    rejected; a strong oracle with the paper's templates does not, and code or lists repeat n-grams legitimately,
+    so there both controls stay off. An engine without a no-repeat option gets the penalty alone."""
+    if not compact_templates:
+        auto, why = (1.0, 0), "off: the paper templates are for strong oracles"
+    else:
+        auto, why = SMALL_ORACLE_CONTROLS, "the compact templates' small-oracle setting (benchmarks/b11_decoding.py)"
+        if engine not in NO_REPEAT_ENGINES:
+            auto = (auto[0], 0)
+    return (auto[0] if repetition_penalty is None else repetition_penalty,
+            auto[1] if no_repeat_ngram_size is None else no_repeat_ngram_size, why)
+
+
 def banned_tokens(output: list[int], n: int) -> set[int]:
     """Tokens that would complete an ``n``-gram already present in ``output`` (the oracle's tokens so far)."""
     if n <= 0 or len(output) < n:
