@@ -94,13 +94,14 @@ def main() -> None:
     parser.add_argument("--max-answer-words", type=int, default=30,
                         help="the demo's filter; 34 AlpacaEval pairs have answers of <= 30 words (54 have <= 45)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker: generate one setting, print nothing
+    parser.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)  # a worker: pairs from here on
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data = load_alpaca_eval(limit=args.pairs, max_answer_words=args.max_answer_words)
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = args.cache_dir or tmp
         if args.only:
-            recycle(data, cache_dir, args.only, args.engine)
+            recycle(data.select(range(args.start, len(data))), cache_dir, args.only, args.engine)
             return
         if args.jobs > 1:  # fill the cache in parallel, then read every setting below
             def spawn(setting: str):
