@@ -25,27 +25,24 @@ def repeated_ngram(ids: list[int], n: int):
 
 
 @pytest.fixture(scope="module")
-def fp32_oracle(oracle_path):
-    from reflect_trainer.oracles.transformers_engine import TransformersOracle
-
-    return TransformersOracle(oracle_path, quantization="none", device="cpu")
+def plain_loop(real_oracle):
+    """The real oracle without the controls on LOOP: it loops to the budget (what the controls must change)."""
+    plain = real_oracle.generate([LOOP], GenerationSettings(max_new_tokens=16))[0]
+    assert plain.finish_reason == "length" and repeated_ngram(real_oracle.tokenizer(plain.text)["input_ids"], 3)
+    return plain
 
 
 @pytest.mark.slow
-def test_transformers_no_repeat_ngram_ends_a_real_loop_yet_lets_the_oracle_copy_the_prompt(fp32_oracle):
-    tokens = fp32_oracle.tokenizer
-    plain, _ = fp32_oracle.generate([LOOP, COPY], GenerationSettings(max_new_tokens=24))
-    loop, copy = fp32_oracle.generate([LOOP, COPY], GenerationSettings(max_new_tokens=24, no_repeat_ngram_size=3))
-    assert plain.finish_reason == "length" and repeated_ngram(tokens(plain.text)["input_ids"], 3)  # it does loop
-    assert loop.finish_reason == "stop" and repeated_ngram(tokens(loop.text)["input_ids"], 3) is None
+def test_transformers_no_repeat_ngram_ends_a_real_loop_yet_lets_the_oracle_copy_the_prompt(real_oracle, plain_loop):
+    loop, copy = real_oracle.generate([LOOP, COPY], GenerationSettings(max_new_tokens=16, no_repeat_ngram_size=3))
+    assert repeated_ngram(real_oracle.tokenizer(loop.text)["input_ids"], 3) is None, loop
     assert "quick brown fox jumps over the lazy dog" in copy.text  # the prompt's n-grams are not banned
 
 
 @pytest.mark.slow
-def test_transformers_repetition_penalty_ends_a_real_loop(fp32_oracle):
-    plain = fp32_oracle.generate([LOOP], GenerationSettings(max_new_tokens=24))[0]
-    penalized = fp32_oracle.generate([LOOP], GenerationSettings(max_new_tokens=24, repetition_penalty=1.5))[0]
-    assert plain.text.count("hello") > 8 and penalized.text.count("hello") < 3, (plain, penalized)
+def test_transformers_repetition_penalty_ends_a_real_loop(real_oracle, plain_loop):
+    penalized = real_oracle.generate([LOOP], GenerationSettings(max_new_tokens=16, repetition_penalty=1.5))[0]
+    assert plain_loop.text.count("hello") > 5 and penalized.text.count("hello") < 3, (plain_loop, penalized)
 
 
 def test_controls_are_in_the_cache_key_and_leave_old_keys_alone(tmp_path):
