@@ -120,8 +120,9 @@ class ReflectionConfig:
             self and llama_cpp engines count the oracle's output only, so copying the original's words stays free;
             vllm passes it as `repetition_penalty` (prompt tokens count there), `openai` sends `repetition_penalty`
             (vLLM servers) and `repeat_penalty` (llama.cpp servers). `None`: auto, the compact templates' small-oracle
-            setting (`oracles.decoding.SMALL_ORACLE_CONTROLS`, measured in `benchmarks/b11_decoding.py`), off with
-            the paper templates. Part of the cache key (off leaves keys as they were before this option).
+            setting per phase (`oracles.decoding.SMALL_ORACLE_CONTROLS`, measured in `benchmarks/b11_decoding.py`:
+            1.2 for instruction reflection, off for response reflection), off with the paper templates. Part of the
+            cache key (off leaves keys as they were before this option).
         oracle_no_repeat_ngram_size (`int` or `None`, *optional*, defaults to `None`):
             No run of this many tokens appears twice in the oracle's output (0: off; the prompt is not counted, so
             the oracle may still copy the original). transformers, self and llama_cpp engines only: vLLM and

@@ -61,9 +61,8 @@ def test_controls_are_in_the_cache_key_and_leave_old_keys_alone(tmp_path):
     for controls in (off, {**off, "oracle_repetition_penalty": 1.2}, {**off, "oracle_no_repeat_ngram_size": 4},
                      {"oracle_repetition_penalty": 1.2, "oracle_no_repeat_ngram_size": 4}, {}, off):
         run(**controls)
-    # Each setting is a key of its own; auto ({}) with the compact templates is the small-oracle setting (1.2, 0),
-    # asked for above; off again is a hit.
-    assert SMALL_ORACLE_CONTROLS == (1.2, 0) and asked == [1, 1, 1, 1, 0, 0]
+    # Each setting is a key of its own; auto ({}) for response reflection with the compact templates is off: a hit.
+    assert SMALL_ORACLE_CONTROLS["response_reflection"] == (1.0, 0) and asked == [1, 1, 1, 1, 0, 0]
     assert "repetition_penalty" not in GenerationSettings().to_dict()  # keys written before the controls still hit
     assert GenerationSettings(no_repeat_ngram_size=4).to_dict()["no_repeat_ngram_size"] == 4
 
@@ -79,8 +78,10 @@ def test_config_refuses_bad_values_and_no_repeat_where_no_engine_offers_it(kwarg
         ReflectionConfig(**kwargs)
 
 
-def test_auto_controls_follow_the_template_set_and_the_engine_and_set_values_win():
-    assert resolve_controls(None, None, "transformers", compact_templates=True)[:2] == SMALL_ORACLE_CONTROLS
-    assert resolve_controls(None, None, "transformers", compact_templates=False)[:2] == (1.0, 0)
-    assert resolve_controls(None, None, "openai", compact_templates=True)[:2] == (SMALL_ORACLE_CONTROLS[0], 0)
-    assert resolve_controls(1.3, 0, "transformers", compact_templates=True)[:2] == (1.3, 0)
+def test_auto_controls_follow_the_template_set_the_phase_and_the_engine_and_set_values_win():
+    instruction, response = "instruction_reflection", "response_reflection"
+    assert resolve_controls(None, None, "transformers", True, instruction) == SMALL_ORACLE_CONTROLS[instruction]
+    assert resolve_controls(None, None, "transformers", True, response) == SMALL_ORACLE_CONTROLS[response]
+    assert resolve_controls(None, None, "transformers", False, instruction) == (1.0, 0)  # paper templates: off
+    assert resolve_controls(None, None, "openai", True, instruction)[1] == 0  # no such option there
+    assert resolve_controls(1.3, 3, "transformers", False, response) == (1.3, 3)

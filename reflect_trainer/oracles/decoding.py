@@ -21,30 +21,29 @@ NO_REPEAT_UNSUPPORTED = ("no_repeat_ngram_size={n}: the {engine} engine has no n
                          "oracle_repetition_penalty, or the transformers or llama_cpp engine")
 
 
-#: ``(repetition_penalty, no_repeat_ngram_size)`` that ``None`` ("auto") stands for with the compact templates, i.e.
-#: a small oracle (the embedded SmolLM2-135M), chosen by measurement (``benchmarks/b11_decoding.py``, 16 demo pairs):
-#: a penalty of 1.2 took acceptance from 25% / 12% to 56% / 44% (instruction / response reflection, llama.cpp) where
-#: no-repeat 4 alone reached 44% / 12% and added nothing on top of the penalty; it also turns a loop into a paraphrase
-#: of it that the loop gate cannot see ("Drake", "Drax", "Dragon", "Drac"), so it stays off.
-SMALL_ORACLE_CONTROLS = (1.2, 0)
+#: ``(repetition_penalty, no_repeat_ngram_size)`` per phase that ``None`` ("auto") stands for with the compact
+#: templates, i.e. a small oracle (the embedded SmolLM2-135M), chosen by measurement (``benchmarks/b11_decoding.py``,
+#: the demo's 34 pairs). Instruction reflection writes new text, where greedy decoding loops: a penalty of 1.2 took
+#: its acceptance from 24% to 56%. Response reflection improves a draft: there the same penalty took acceptance from
+#: 35% down to 26% (the oracle copies the draft instead of looping, an echo), so it stays off. No-repeat 4 reached
+#: 38% / 38% on 16 pairs, added nothing on top of the penalty, and turns a loop into a paraphrase of it that the loop
+#: gate cannot see ("Drake", "Drax", "Dragon", "Drac"): off.
+SMALL_ORACLE_CONTROLS = {"instruction_reflection": (1.2, 0), "response_reflection": (1.0, 0)}
 NO_REPEAT_ENGINES = ("transformers", "self", "llama_cpp")
 
 
 def resolve_controls(repetition_penalty: float | None, no_repeat_ngram_size: int | None, engine: str,
-                     compact_templates: bool) -> tuple[float, int, str]:
-    """``(repetition_penalty, no_repeat_ngram_size, why)``: what ``None`` means here; a set value always wins.
+                     compact_templates: bool, phase: str) -> tuple[float, int]:
+    """``(repetition_penalty, no_repeat_ngram_size)`` for ``phase``: what ``None`` means; a set value always wins.
 
     A small oracle writing with the compact templates loops under greedy decoding, and a looping rewrite is
     rejected; a strong oracle with the paper's templates does not, and code or lists repeat n-grams legitimately,
     so there both controls stay off. An engine without a no-repeat option gets the penalty alone."""
-    if not compact_templates:
-        auto, why = (1.0, 0), "off: the paper templates are for strong oracles"
-    else:
-        auto, why = SMALL_ORACLE_CONTROLS, "the compact templates' small-oracle setting (benchmarks/b11_decoding.py)"
-        if engine not in NO_REPEAT_ENGINES:
-            auto = (auto[0], 0)
+    auto = SMALL_ORACLE_CONTROLS[phase] if compact_templates else (1.0, 0)
+    if engine not in NO_REPEAT_ENGINES:
+        auto = (auto[0], 0)
     return (auto[0] if repetition_penalty is None else repetition_penalty,
-            auto[1] if no_repeat_ngram_size is None else no_repeat_ngram_size, why)
+            auto[1] if no_repeat_ngram_size is None else no_repeat_ngram_size)
 
 
 def banned_tokens(output: list[int], n: int) -> set[int]:
