@@ -6,11 +6,14 @@ length (cap 256), greedy, default acceptance gates. A setting is ``repetition_pe
 first one given is the baseline the examples are compared against. Greedy outputs do not depend on the machine's
 load, so the rates are valid on a busy machine (the seconds are not).
 
-    python benchmarks/b11_decoding.py --pairs 16 --settings 1.0:0 1.1:0 1.2:0 1.0:4 1.1:4      # screening
-    python benchmarks/b11_decoding.py --pairs 50 --settings 1.0:0 default --show 3             # before / after
+    python benchmarks/b11_decoding.py --pairs 16 --settings 1.0:0 1.2:0 1.0:4 1.2:4 --engine llama_cpp  # screening
+    python benchmarks/b11_decoding.py --pairs 34 --settings 1.0:0 default --show 3          # before / after
 
-``default`` stands for ``ReflectionConfig``'s own defaults. ``--cache-dir`` keeps the outputs: a second run (more
-pairs, another setting) generates only what is new; each setting runs in its own process when ``--jobs`` > 1.
+``default`` stands for ``ReflectionConfig``'s own defaults (auto: per phase, see ``reflect_trainer/oracles/
+decoding.py``); ``1.0:0`` is how every run decoded before the controls existed. ``--cache-dir`` keeps the outputs: a
+second run (more pairs, another setting) generates only what is new; each setting runs in its own process when
+``--jobs`` > 1. Only 34 AlpacaEval pairs have answers of at most 30 words: ``--pairs 50`` needs
+``--max-answer-words 45``.
 """
 
 from __future__ import annotations
