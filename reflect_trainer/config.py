@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .gates import AcceptanceGates
+from .oracles.decoding import NO_REPEAT_UNSUPPORTED
 
 MODES = ("instruction", "response", "both", "selective")
 OVERLAP = ("auto", "on", "off")
@@ -128,6 +129,19 @@ class ReflectionConfig:
             Nucleus sampling mass when `temperature > 0`.
         oracle_seed (`int`, *optional*, defaults to `0`):
             Sampling seed when `temperature > 0` (not `seed`: that name is `SFTConfig`'s).
+        oracle_repetition_penalty (`float` or `None`, *optional*, defaults to `None`):
+            Divides the logit of each token the oracle has already written (CTRL's penalty; 1.0: off). transformers,
+            self and llama_cpp engines count the oracle's output only, so copying the original's words stays free;
+            vllm passes it as `repetition_penalty` (prompt tokens count there), `openai` sends `repetition_penalty`
+            (vLLM servers) and `repeat_penalty` (llama.cpp servers). `None`: auto, the compact templates' small-oracle
+            setting per phase (`oracles.decoding.SMALL_ORACLE_CONTROLS`, measured in `benchmarks/b11_decoding.py`:
+            1.2 for instruction reflection, off for response reflection), off with the paper templates. Part of the
+            cache key (off leaves keys as they were before this option).
+        oracle_no_repeat_ngram_size (`int` or `None`, *optional*, defaults to `None`):
+            No run of this many tokens appears twice in the oracle's output (0: off; the prompt is not counted, so
+            the oracle may still copy the original). transformers, self and llama_cpp engines only: vLLM and
+            OpenAI-compatible servers have no such option, and setting it there is an error (auto leaves it off).
+            `None`: auto, as for `oracle_repetition_penalty`. Part of the cache key.
 
         > Acceptance gates (applied when a cached output is read: changing them needs no regeneration)
 
@@ -220,6 +234,10 @@ class ReflectionConfig:
     temperature: float = field(default=0.0, metadata={"help": "0: greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus mass when sampling."})
     oracle_seed: int = field(default=0, metadata={"help": "Oracle sampling seed."})
+    oracle_repetition_penalty: float | None = field(default=None, metadata={
+        "help": "Penalty on tokens the oracle already wrote (1.0: off; None: auto by template set)."})
+    oracle_no_repeat_ngram_size: int | None = field(default=None, metadata={
+        "help": "No token n-gram twice in the oracle's output (0: off; None: auto; transformers, self, llama_cpp)."})
     cache_dir: str = field(default="reflect_cache", metadata={"help": "Persistent cache folder."})
     claim_lease_seconds: float = field(default=60.0, metadata={"help": "Lease of a claimed row without heartbeat."})
     on_bad_row: str = field(default="error", metadata={"help": "error or skip."})
@@ -254,6 +272,15 @@ class ReflectionConfig:
             raise ValueError(f"claim_lease_seconds must be > 0, got {self.claim_lease_seconds}")
         if self.length_budget_ratio < 0 or self.min_length_ratio < 0 or self.loop_ngram < 0:
             raise ValueError("length_budget_ratio, min_length_ratio and loop_ngram must be >= 0")
+        if self.oracle_repetition_penalty is not None and self.oracle_repetition_penalty <= 0:
+            raise ValueError(f"oracle_repetition_penalty must be > 0 (1.0: off), got {self.oracle_repetition_penalty}")
+        if self.oracle_no_repeat_ngram_size is not None and self.oracle_no_repeat_ngram_size < 0:
+            raise ValueError(f"oracle_no_repeat_ngram_size must be >= 0 (0: off), got "
+                             f"{self.oracle_no_repeat_ngram_size}")
+        engine = "openai" if self.oracle_engine == "auto" and self.oracle_base_url else self.oracle_engine
+        if self.oracle_no_repeat_ngram_size and engine in ("vllm", "openai"):
+            raise ValueError("oracle_" + NO_REPEAT_UNSUPPORTED.format(engine=engine,
+                                                                      n=self.oracle_no_repeat_ngram_size))
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
 

@@ -24,6 +24,7 @@ from .config import ReflectionConfig
 from .export import DROPPED_BY_SELECTION
 from .formats import BadRowError, Pair, detect_format, row_to_pair, validate_rows
 from .gates import ends_mid_sentence
+from .oracles.decoding import resolve_controls
 from .oracles import (
     FINISH_ERROR,
     FINISH_UNKNOWN,
@@ -212,6 +213,11 @@ class Recycler:
             logger.info("oracle quantization: %s (%s)", self.oracle_quantization, why)
         self._oracle_identity: str | None = None  # computed on first use: an HTTP oracle's asks its server
         self.templates = templates or resolve_templates(self.config, default_oracle=uses_default)
+        compact = all(t.name.startswith("compact") for t in self.templates.values())
+        #: Decoding controls per phase (None in the config: auto, see oracles/decoding.py).
+        self.controls = {phase: resolve_controls(self.config.oracle_repetition_penalty,
+                                                 self.config.oracle_no_repeat_ngram_size, self.config.oracle_engine,
+                                                 compact, phase) for phase in self.templates}
         # Every marker of the templates in use: data that looks like any of them is neutralised in prompts.
         self.marker_names = tuple(all_marker_names(list(self.templates.values())))
         self.phases = {
@@ -529,7 +535,7 @@ class Recycler:
                 prefill_section, prefill_body = opener[0], prefill[opener[1]:]
         return conversation, prefill_section, prefill_body
 
-    def _settings(self, step: ReflectionStep, max_new_tokens: int) -> GenerationSettings:
+    def _settings(self, phase: str, step: ReflectionStep, max_new_tokens: int) -> GenerationSettings:
         c = self.config
         section_format, stop = None, step.stop
         if c.structured_output:
@@ -544,12 +550,14 @@ class Recycler:
             seed=c.oracle_seed,
             stop=stop,
             section_format=section_format,
+            repetition_penalty=self.controls[phase][0],
+            no_repeat_ngram_size=self.controls[phase][1],
         )
 
     def _generate_cached(self, template: ReflectionTemplate, step: ReflectionStep, conversations: list,
                          max_new_tokens: int) -> list[dict]:
         """Serve cached records; send all misses of this batch to the oracle in one call; store them durably."""
-        settings = self._settings(step, max_new_tokens)
+        settings = self._settings(template.phase, step, max_new_tokens)
         keys = [
             cache_key(
                 {

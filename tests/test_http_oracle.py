@@ -517,3 +517,19 @@ def test_answers_are_stored_as_they_arrive_so_a_crash_mid_batch_loses_only_the_r
         gate.set()
         worker.join(60)
     assert len(RecycleCache(tmp_path / "cache").records()) == 8  # the slow one too, each key once
+
+
+# ---- decoding controls (tests/test_decoding_controls.py has the rest) ---------------------------------------------
+def test_http_engine_sends_the_penalty_under_both_servers_names_and_refuses_no_repeat():
+    server = FaultyServer([])
+    try:
+        oracle = OpenAIHTTPOracle(None, base_url=server.url, served_model="m")
+        oracle.generate([PROMPT], GenerationSettings(max_new_tokens=8, repetition_penalty=1.2))
+        oracle.generate([PROMPT], GenerationSettings(max_new_tokens=8))
+        with pytest.raises(ValueError, match="no_repeat_ngram_size=3"):
+            oracle.generate([PROMPT], GenerationSettings(max_new_tokens=8, no_repeat_ngram_size=3))
+    finally:
+        server.close()
+    penalized, plain = (r["body"] for r in server.posts)
+    assert penalized["repetition_penalty"] == 1.2 and penalized["repeat_penalty"] == 1.2
+    assert "repetition_penalty" not in plain and "repeat_penalty" not in plain and len(server.posts) == 2

@@ -184,3 +184,20 @@ def test_structured_output_gives_every_paper_template_output_its_sections(gguf, 
             assert raw.rstrip().endswith("[End]"), f"{phase}: the format is complete: {raw!r}"
     stats = recycler.stats()
     assert stats["instruction_reflection/total"] == stats["response_reflection/total"] == 6
+
+
+# ---- decoding controls (tests/test_decoding_controls.py has the rest) ---------------------------------------------
+@pytest.mark.slow
+@pytest.mark.llama_cpp
+def test_decoding_controls_end_a_real_loop_and_leave_the_prompt_copyable(llama_oracle, oracle_path):
+    from test_decoding_controls import COPY, LOOP, repeated_ngram
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(oracle_path)  # the GGUF's vocabulary (test above)
+    plain = llama_oracle.generate([LOOP], GenerationSettings(max_new_tokens=24))[0]
+    loop, copy = llama_oracle.generate([LOOP, COPY], GenerationSettings(max_new_tokens=24, no_repeat_ngram_size=3))
+    penalized = llama_oracle.generate([LOOP], GenerationSettings(max_new_tokens=24, repetition_penalty=1.5))[0]
+    assert plain.finish_reason == "length" and repeated_ngram(tokens(plain.text)["input_ids"], 3)  # it does loop
+    assert loop.finish_reason == "stop" and repeated_ngram(tokens(loop.text)["input_ids"], 3) is None
+    assert "quick brown fox jumps over the lazy dog" in copy.text  # the prompt's n-grams are not banned
+    assert plain.text.count("hello") > 8 and penalized.text.count("hello") < 3, (plain, penalized)

@@ -304,3 +304,14 @@ def test_unknown_structured_output_api_is_refused_by_engine_and_config():
         OpenAIHTTPOracle(None, served_model="m", structured_output_api="tgi")
     with pytest.raises(ValueError, match="oracle_structured_output_api"):
         ReflectionConfig(oracle_structured_output_api="tgi")
+
+
+# ---- decoding controls (tests/test_decoding_controls.py has the rest) ---------------------------------------------
+def test_vllm_engine_gets_the_penalty_in_sampling_params_and_refuses_no_repeat(monkeypatch, fake_gpu, oracle_path):
+    log = install_fake_vllm(monkeypatch)
+    oracle = VLLMOracle(oracle_path)
+    oracle.generate([PLAIN], GenerationSettings(max_new_tokens=8, repetition_penalty=1.3))
+    _, _, params = next(entry for entry in log if entry[0] == "generate")
+    assert params.kwargs["repetition_penalty"] == 1.3
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=4: the vllm engine"):
+        oracle.generate([PLAIN], GenerationSettings(max_new_tokens=8, no_repeat_ngram_size=4))

@@ -55,6 +55,10 @@ class GenerationSettings:
         stop: Stop strings; generation ends at the first, which is not returned.
         section_format: Structured output: constrain generation so the marked sections always parse (see
             :mod:`reflect_trainer.structured`). ``None``: unconstrained.
+        repetition_penalty: Divides the logit of every token the oracle already wrote (CTRL's penalty; 1.0: off).
+            Local engines count the oracle's output only, not the prompt, so copying the original stays free (see
+            :mod:`reflect_trainer.oracles.decoding`).
+        no_repeat_ngram_size: No run of this many tokens appears twice in the oracle's output (0: off).
     """
 
     max_new_tokens: int = 512
@@ -63,9 +67,15 @@ class GenerationSettings:
     seed: int = 0
     stop: tuple[str, ...] = ()
     section_format: SectionFormat | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
 
     def to_dict(self) -> dict:
         out = {**asdict(self), "stop": list(self.stop)}
+        # Left out when off, so cache keys written before these controls existed stay valid.
+        for name, off in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
+            if out[name] == off:
+                del out[name]
         # Left out when unconstrained, so cache keys written before structured output existed stay valid.
         if self.section_format is None:
             del out["section_format"]

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..structured import SectionFormat
 from . import Conversation, Generation, GenerationSettings, finished
+from .decoding import banned_tokens
 from ..fingerprint import weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,11 @@ class LlamaCppOracle:
     def _sampler_chain(self, settings: GenerationSettings):
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if settings.repetition_penalty != 1.0:
+            # Over the whole output (last_n = the budget; the library takes -1 as 0, off). The chain sees only the
+            # sampled tokens, never the prompt: the rule of oracles/decoding.py.
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
+                self.n_vocab, settings.max_new_tokens, settings.repetition_penalty, 0.0, 0.0))
         if settings.temperature > 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(settings.top_p, 1))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(settings.temperature))
@@ -268,21 +274,35 @@ class LlamaCppOracle:
         of a small model.
         """
         lib = self._lib
-        token = lib.llama_sampler_sample(seq.sampler, self.ctx, k)
+        # No-repeat n-gram (oracles/decoding.py): only when the last n-1 tokens were written before is anything
+        # banned; then pick from the masked logits, as for the grammar below, and tell the chain what was picked.
+        banned = banned_tokens(seq.tokens, self._no_repeat) if self._no_repeat else set()
+        if banned:
+            token = self._pick(seq, k, banned)
+            lib.llama_sampler_accept(seq.sampler, token)
+        else:
+            token = lib.llama_sampler_sample(seq.sampler, self.ctx, k)
         if seq.grammar is None:
             return token
         if not self._allowed(seq.grammar, token):
-            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
-            data = np.zeros(self.n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-            data["id"], data["logit"] = np.arange(self.n_vocab), logits
-            candidates = lib.llama_token_data_array(data.ctypes.data_as(lib.llama_token_data_p), self.n_vocab, -1,
-                                                    False)
-            lib.llama_sampler_apply(seq.grammar, ctypes.byref(candidates))
-            lib.llama_sampler_apply(seq.sampler, ctypes.byref(candidates))
-            token = candidates.data[candidates.selected].id
+            token = self._pick(seq, k, banned)
         if not lib.llama_vocab_is_eog(self.vocab, token):  # end-of-generation is only allowed once it is complete
             lib.llama_sampler_accept(seq.grammar, token)
         return token
+
+    def _pick(self, seq: _Sequence, k: int, banned: set[int]) -> int:
+        """The sampler chain's pick over the whole vocabulary, ``banned`` tokens masked, the grammar applied."""
+        lib = self._lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
+        data = np.zeros(self.n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        data["id"], data["logit"] = np.arange(self.n_vocab), logits
+        data["logit"][list(banned)] = -np.inf
+        candidates = lib.llama_token_data_array(data.ctypes.data_as(lib.llama_token_data_p), self.n_vocab, -1,
+                                                False)
+        if seq.grammar is not None:
+            lib.llama_sampler_apply(seq.grammar, ctypes.byref(candidates))
+        lib.llama_sampler_apply(seq.sampler, ctypes.byref(candidates))
+        return candidates.data[candidates.selected].id
 
     def _append(self, seq: _Sequence, token: int) -> None:
         seq.tokens.append(token)
@@ -333,6 +353,7 @@ class LlamaCppOracle:
         shared = shared_prefix_length(prompts) if self.prefix_cache and len(prompts) > 1 else 0
         shared = shared if shared >= MIN_PREFIX_TOKENS else 0
         room = self._context(prompts, settings.max_new_tokens, prefix_seq=shared > 0)
+        self._no_repeat = settings.no_repeat_ngram_size
         budget = (_SectionBudget(settings.section_format, self.tokenize, settings.max_new_tokens)
                   if settings.section_format is not None else None)
         lib = self._lib

@@ -44,6 +44,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpx2 as httpx
 
 from . import FINISH_ERROR, Conversation, Generation, GenerationSettings, finished
+from .decoding import NO_REPEAT_UNSUPPORTED
 
 logger = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -272,6 +273,11 @@ class OpenAIHTTPOracle:
             body["stop"] = list(settings.stop)
         if settings.section_format is not None:
             body.update(self._constraint(settings.section_format))
+        if settings.repetition_penalty != 1.0:
+            # Both names: vLLM's server reads repetition_penalty, llama.cpp's repeat_penalty; each ignores the other.
+            body.update(repetition_penalty=settings.repetition_penalty, repeat_penalty=settings.repetition_penalty)
+        if settings.no_repeat_ngram_size:
+            raise ValueError(NO_REPEAT_UNSUPPORTED.format(engine="openai", n=settings.no_repeat_ngram_size))
         prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
         if self.tokenizer is None:
             body["messages"] = conversation

@@ -11,6 +11,7 @@ import torch
 
 from ..fingerprint import weights_fingerprint
 from . import Conversation, Generation, GenerationSettings, finished, resolve_quantization
+from .decoding import transformers_processors
 
 logger = logging.getLogger(__name__)
 
@@ -234,14 +235,19 @@ class TransformersOracle:
                     self.tokenizer.pad_token_id]
         eos_list = [t for t in eos_list if t is not None]
         processor = None
+        # Before the section processor, so a marker it forces is never banned after it.
+        processors = transformers_processors(enc["input_ids"].shape[1], settings.repetition_penalty,
+                                             settings.no_repeat_ngram_size)
         if settings.section_format is not None:
-            from transformers import LogitsProcessorList
-
             from .section_processor import SectionFormatProcessor
 
             processor = SectionFormatProcessor(
                 settings.section_format, self.tokenizer, enc["input_ids"].shape[1], settings.max_new_tokens, eos_list)
-            kwargs["logits_processor"] = LogitsProcessorList([processor])
+            processors.append(processor)
+        if processors:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         generated = self.model.generate(**enc, **kwargs)[:, enc["input_ids"].shape[1] :]
         eos_ids = set(eos_list)
         outputs = []

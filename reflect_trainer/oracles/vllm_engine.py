@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import Conversation, Generation, GenerationSettings, finished
+from .decoding import NO_REPEAT_UNSUPPORTED
 from ..fingerprint import weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,10 @@ class VLLMOracle:
             kwargs["stop"] = list(settings.stop)
         if settings.section_format is not None:
             kwargs.update(self._constraint(settings.section_format.regex()))
+        if settings.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = settings.repetition_penalty  # vLLM counts the prompt's tokens too
+        if settings.no_repeat_ngram_size:
+            raise ValueError(NO_REPEAT_UNSUPPORTED.format(engine="vllm", n=settings.no_repeat_ngram_size))
         return self._sampling_params(**kwargs)
 
     def _wake(self) -> None:
