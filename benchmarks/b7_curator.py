@@ -122,7 +122,7 @@ class CountingProxy:
     """Forwards every request to the server and counts the completions it returned (per run: ``reset()``)."""
 
     def __init__(self, upstream: str):
-        self.upstream, self.completions, self.lock = upstream.rstrip("/"), 0, threading.Lock()
+        self.upstream, self.completions, self.inflight, self.lock = upstream.rstrip("/"), 0, 0, threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -132,6 +132,15 @@ class CountingProxy:
                 pass
 
             def _forward(self, method):
+                with proxy.lock:
+                    proxy.inflight += 1
+                try:
+                    self._relay(method)
+                finally:
+                    with proxy.lock:
+                        proxy.inflight -= 1
+
+            def _relay(self, method):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
                 request = urllib.request.Request(proxy.upstream + self.path, data=body, method=method,
                                                  headers={"Content-Type": "application/json"})
@@ -146,11 +155,14 @@ class CountingProxy:
                 if status == 200 and (asked.get("messages") or asked.get("prompt")):
                     with proxy.lock:
                         proxy.completions += 1
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client was killed: the server did the work all the same (counted above)
+                    self.close_connection = True
 
             def do_GET(self):
                 self._forward("GET")
@@ -161,6 +173,12 @@ class CountingProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_idle(self, timeout: float = 600) -> None:
+        """Until the server has answered every request forwarded so far (a killed client's included)."""
+        deadline = time.monotonic() + timeout
+        while self.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def reset(self) -> int:
         with self.lock:
@@ -306,12 +324,14 @@ def main() -> None:
             proxy.reset()
             replay = record if side == "curator" else None
             run_side(args, side, work, proxy.url, replay, kill_after=args.pairs // 2, proxy=proxy)
+            proxy.wait_idle()  # what the killed run had in flight is still computed by the server: count it
             before = proxy.reset()
             resumed = run_side(args, side, work, proxy.url, replay)
             after = proxy.reset()
             lost = before + after - args.pairs
-            print(f"  kill -9 {side:8s} after {before} completions; resume sent {after} and returned "
-                  f"{resumed['rows']} rows: {max(lost, 0)} completions done twice (work lost)")
+            print(f"  kill -9 {side:8s} at {args.pairs // 2} completions ({before} by the time the server was idle); "
+                  f"resume: {after} completions, {resumed['rows']} rows: {max(lost, 0)} completions done twice "
+                  f"(work lost)")
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         proxy.server.shutdown()
