@@ -108,6 +108,12 @@ def _clean(text: str) -> str:
     return text.strip(" \t\n*#:")
 
 
+def is_empty_field(text: str) -> bool:
+    """A section with nothing usable in it: blank, markup only (``**``, ``#``, ``:``) or a filler ("N/A", "...").
+    The structured-output processor asks the same question before it lets a section close."""
+    return _clean(text).lower().strip(" .") in _EMPTY_VALUES
+
+
 def split_sections(
     generated: str, sections: dict[str, str], end_marker: str = "End", open_section: str | None = None
 ) -> dict[str, str]:
@@ -197,9 +203,9 @@ def judge_field(
     the original is ours, not an echo), ``original`` the field it would replace, ``boilerplate`` the template text
     around the data (an echo of it means the oracle repeated its instructions), ``prompt`` the whole prompt as sent.
     """
-    norm = _clean(generated_part).lower().strip(" .")
-    if norm in _EMPTY_VALUES:
+    if is_empty_field(generated_part):
         return EMPTY
+    norm = _clean(generated_part).lower().strip(" .")
     if any(norm == p.lower() or norm.startswith(p.lower()) for p in placeholders):
         return PLACEHOLDER
     if boilerplate and _starts_with_prompt_label(generated_part, boilerplate):

@@ -53,7 +53,7 @@ class GenerationSettings:
         top_p: Nucleus sampling mass, used when ``temperature > 0``.
         seed: Sampling seed, used when ``temperature > 0``.
         stop: Stop strings; generation ends at the first, which is not returned.
-        section_format: Structured output: constrain generation so the marked sections always parse (see
+        section_format: Structured output: constrain generation so the marked sections come out (see
             :mod:`reflect_trainer.structured`). ``None``: unconstrained.
         repetition_penalty: Divides the logit of every token the oracle already wrote (CTRL's penalty; 1.0: off).
             Local engines count the oracle's output only, not the prompt, so copying the original stays free (see

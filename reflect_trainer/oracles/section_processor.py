@@ -1,4 +1,4 @@
-"""Structured output for the transformers engine: a logits processor that makes every output parse.
+"""Structured output for the transformers engine: a logits processor that makes the marked sections come out.
 
 Grammar engines forbid tokens; this processor lets the model write freely and steps in only when the format is at
 risk. It decodes each sequence's text so far, works out where it is in the format (critique, inside section *i*,
@@ -11,7 +11,8 @@ between sections, done) with the parser's own marker regex, and forces the next 
 
 After the last ``[End]`` it forces end-of-sequence. Until the model has written something into a section, it can
 neither end the sequence nor write a token with ``[`` (which could close the section empty): an empty section would
-not parse.
+not parse. "Something" is judged by the parser's own rule (:func:`reflect_trainer.parsing.is_empty_field`: markup
+only or "N/A" is empty too). What the processor cannot ensure is content the parser accepts (a loop, an echo).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor
 
-from ..parsing import marker_regex
+from ..parsing import is_empty_field, marker_regex
 from ..structured import SectionFormat
 
 MIN_SECTION_TOKENS = 4  # reserved for each section still to write: enough for a few words
@@ -116,8 +117,9 @@ class SectionFormatProcessor(LogitsProcessor):
             wants_to_stop = int(scores[row].argmax()) in self.eos_token_ids
             over_budget = used - state.part_started_at >= state.part_budget
             no_room = left <= self._tokens_to_finish(part) + 1
-            if part[0] == "in" and not text[self._section_start(text) :].strip():
-                scores[row, self.eos_token_ids + self._bracket_ids] = -float("inf")  # an empty section would not parse
+            if part[0] == "in" and is_empty_field(text[self._section_start(text) :]):
+                # An empty section would not parse; "empty" is the parser's rule (markup or "N/A" count as empty).
+                scores[row, self.eos_token_ids + self._bracket_ids] = -float("inf")
                 continue
             if part[0] == "after" or wants_to_stop or over_budget or no_room:
                 if part[0] == "in" and not wants_to_stop:
