@@ -150,21 +150,10 @@ def export_rows(path: Path) -> list[dict] | None:
 
 
 def make_tiny_student(path: Path) -> Path:
-    """A 1.6M-parameter Llama with SmolLM2's tokenizer and chat template, random weights: the student whose training
-    the fault scenarios run (what is tested is the oracle's work and the trainer's bookkeeping, not what it learns)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The student whose training the fault scenarios run: :func:`reflect_trainer.embedded.tiny_student`."""
+    from reflect_trainer.embedded import tiny_student
 
-    from reflect_trainer.embedded import default_oracle_path
-
-    source = str(default_oracle_path())
-    config = LlamaConfig.from_pretrained(source)
-    config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=16))
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(source).save_pretrained(path)
-    return path
+    return tiny_student(path)
 
 
 class Setup:

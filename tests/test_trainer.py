@@ -160,15 +160,9 @@ def test_qlora_student_in_4bit_with_lora_trains_on_cpu(tmp_path, oracle_path, al
 
 def tiny_student(path, oracle_path):
     """A 1.6M-parameter Llama with SmolLM2's tokenizer (random weights): for tests of the trainer's bookkeeping."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from reflect_trainer.embedded import tiny_student as save_tiny_student
 
-    config = LlamaConfig.from_pretrained(oracle_path)
-    config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=16))
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(oracle_path).save_pretrained(path)
-    return str(path)
+    return str(save_tiny_student(path))
 
 
 class KilledAfterTrainerState(Exception):
