@@ -29,7 +29,8 @@ from reflect_trainer import ReflectionConfig, Recycler
 from reflect_trainer.embedded import load_alpaca_eval
 from reflect_trainer.gates import ends_mid_sentence, words
 
-GATES_OFF = dict(reject_truncated=False, loop_ngram=0, min_length_ratio=0.0, require_complete_instruction=False)
+GATES_OFF = dict(reject_truncated=False, loop_ngram=0, min_length_ratio=0.0, require_complete_instruction=False,
+                 reject_meta_commentary=False)
 
 
 def read(data, cache_dir: str, base: dict, gates: dict):

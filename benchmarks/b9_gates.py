@@ -16,10 +16,12 @@ from reflect_trainer.embedded import load_alpaca_eval
 from reflect_trainer.gates import (
     AcceptanceGates,
     counts_without_content,
+    meta_commentary,
     ends_mid_sentence,
     instruction_is_complete,
     judge_rewrite,
     repeated_line,
+    repeated_paragraph,
     repeated_phrase,
 )
 
@@ -38,11 +40,18 @@ def main() -> None:
         example = repeated_phrase(hits[0][0], n) if hits else ""
         print(f"| loop: repeated word n-gram | n={n} | {len(hits)} ({100 * len(hits) / len(answers):.1f}%) | "
               f"{example[:60]!r} |")
+    paragraphs = [a for a in answers if repeated_paragraph(a, 8)]
+    print(f"| loop: a paragraph mostly saying the previous one again (8-grams, 60%) | n=8 | {len(paragraphs)} | "
+          f"{paragraphs[0][:60]!r} |" if paragraphs else "| loop: a paragraph repeating the previous one | n=8 | 0 | |")
     lines = [a for a in answers if repeated_line(a)]
     print(f"| loop: the same line 3 times back to back | - | {len(lines)} | |")
     counting = [a for a in answers if counts_without_content(a)]
     print(f"| loop: counting without content | - | {len(counting)} | {counting[0][:60]!r} |" if counting
           else "| loop: counting without content | - | 0 | |")
+    meta = [(a, meta_commentary(a)) for a in answers if meta_commentary(a)]
+    print(f"| meta_commentary: the answer talks about itself or a draft | - | {len(meta)} "
+          f"({100 * len(meta) / len(answers):.1f}%) | {meta[0][1]!r} |" if meta else
+          "| meta_commentary: the answer talks about itself or a draft | - | 0 | |")
     mid = [a for a in answers if ends_mid_sentence(a)]
     print(f"| ends mid-sentence (truncation check without a finish reason) | - | {len(mid)} "
           f"({100 * len(mid) / len(answers):.1f}%) | {mid[0][-60:]!r} |" if mid else "| ends mid-sentence | - | 0 | |")

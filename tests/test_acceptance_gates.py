@@ -68,7 +68,12 @@ def test_engine_without_finish_reason_is_judged_by_the_text(tmp_path):
     "### Ingredients: 1. 1. 2. 3. 4. 5. 6. 7. 8. 9. 10. 11. 12. 13. 14. 15. " + LONGER,
     LONGER + "\n1.\n2.\n3.\n4.\n",
     LONGER + '\n1. The answer is: "Drake"\n2. The answer is: "Drake"\n3. The answer is: "Drake"',
-], ids=["repeated-sentence", "counting-inline", "empty-list-items", "same-line-listed"])
+    # SmolLM2-135M's paragraph said again with a few words changed: too far apart for the n-gram window.
+    "I'm here to help with your writing, and I'll do my best to assist you with your project. If you have any "
+    "questions or need to adjust the scope, I can do that. Please let me know if you need any changes.\n\n"
+    "I'm here to help with your writing, and I'll do my best to assist you. If you have any questions or need to "
+    "adjust the scope, I can do that. Please let me know if you need any changes.",
+], ids=["repeated-sentence", "counting-inline", "empty-list-items", "same-line-listed", "paragraph-said-again"])
 def test_repetition_inside_the_output_falls_back_as_loop(tmp_path, text):
     out, _ = recycle(tmp_path, answering(Generation(text, "stop")))
     assert out["response_reflection_fallback"] == ["loop"]
@@ -83,6 +88,26 @@ def test_complete_but_shorter_answer_falls_back_unless_the_ratio_is_lowered(tmp_
     out, _ = recycle(tmp_path, oracle, min_length_ratio=0.3)
     assert out["response_reflection_fallback"] == [None] and out["recycled_output"] == [short]
     assert oracle.calls == 0
+
+
+# What SmolLM2-135M wrote after its rewrite, on the demo's pairs (compact-response v2): comments on the answer or the
+# draft, which the student never sees. The last one is a long answer of the same kind without any comment.
+@pytest.mark.parametrize("tail, reason", [
+    ("This is a more accurate and detailed response that provides additional context and clarity.", "meta_commentary"),
+    ("In this response, I've added more detail to the original prompt.", "meta_commentary"),
+    ("The original draft was too simplistic and didn't provide any clear recommendations.", "meta_commentary"),
+    ("I'll make sure to be more accurate and detailed in the next response.", "meta_commentary"),
+    ("Mint and parsley keep the same way; woody herbs such as rosemary prefer the fridge.", None),
+])
+def test_an_answer_that_comments_on_itself_or_the_draft_falls_back(tmp_path, tail, reason):
+    text = LONGER + "\n\n" + tail
+    out, _ = recycle(tmp_path, answering(Generation(text, "stop")))
+    assert out["response_reflection_fallback"] == [reason]
+    assert out["recycled_output"] == [ORIGINAL["output"] if reason else text]
+    if reason:  # a gate, run on read: turned off, the same cached output is accepted without an oracle call
+        oracle = answering(Generation("never asked", "stop"))
+        out, _ = recycle(tmp_path, oracle, reject_meta_commentary=False)
+        assert out["response_reflection_fallback"] == [None] and oracle.calls == 0
 
 
 @pytest.mark.parametrize("added, reason", [

@@ -27,6 +27,7 @@ from reflect_trainer.evaluation.ifeval import (
 )
 from reflect_trainer.evaluation.pairwise import (
     INVALID,
+    Judgement,
     LOSS,
     TIE,
     WIN,
@@ -106,6 +107,19 @@ def test_length_adjusted_win_rate_removes_a_pure_length_preference():
     adjusted, _ = length_adjusted_win_rate([1.0, 1.0, 0.5, 0.0], [0.0] * 4)
     assert adjusted == pytest.approx(0.625, abs=1e-6)
 
+
+def test_length_balanced_win_rate_counts_only_answers_within_20_percent():
+    # Four questions: A wins the two where its answer is far longer, loses the two of similar length. The plain win
+    # rate is 0.5; restricted to answers within 20% of the longer one, A won nothing.
+    def judged(outcome):
+        return Judgement(raw_ab="", raw_ba="", verdict_ab=None, verdict_ba=None, outcome=outcome)
+
+    answers_a = ["x" * 1000, "x" * 900, "x" * 100, "x" * 85]
+    answers_b = ["x" * 100, "x" * 200, "x" * 100, "x" * 100]  # 1000:100 and 900:200 differ; 85:100 is within 20%
+    summary = summarize([judged(WIN), judged(WIN), judged(LOSS), judged(LOSS)], answers_a, answers_b)
+    assert summary["win_rate"] == 0.5
+    balanced = summary["length_balanced"]
+    assert (balanced["questions"], balanced["win"], balanced["loss"], balanced["win_rate"]) == (2, 0, 2, 0.0)
 
 # --- IFEval verifier, loaded from the wheel ---------------------------------------------------------------------
 

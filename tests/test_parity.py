@@ -299,8 +299,11 @@ def test_export_of_a_real_recycling_run_trains_plain_sfttrainer_on_the_same_toke
         case, tmp_path, student, oracle_path, real_oracle):
     make, options = REAL[case]
     data = make(4)
+    # The claim is about tokens, not quality, and it needs rows the oracle changed: on 4 pairs the 135M oracle's only
+    # complete rewrite in one case is a comment on itself, which the meta-commentary gate would reject.
     reflection = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", max_new_tokens=64,
-                                  buffer_batches=2, progress_bar=False, template_set="compact")
+                                  buffer_batches=2, progress_bar=False, template_set="compact",
+                                  reject_meta_commentary=False)
     oracle = CountingOracle(real_oracle)  # shared by the tests: a run's release must not close it
     ours = train(ReflectionSFTTrainer, student, fresh_tokenizer(oracle_path), config(tmp_path, **options), data,
                  oracle=oracle, reflection_config=reflection)
