@@ -163,7 +163,8 @@ class Fetched:
     misses: int = 0
     generated: int = 0  # keys this process sent to ``generate``
     failed: int = 0  # of those, reported failed (not stored)
-    waited: int = 0  # keys found claimed by another live writer and waited for
+    waited: int = 0  # keys another writer stored during this call (found claimed and waited for, or stored between
+    # this call's first look and its claim)
     taken_over: int = 0  # stale claims (dead or silent owner) this process took over
 
 
@@ -595,6 +596,7 @@ class RecycleCache:
                     mine = [k for k in pending if self._acquire(k, seen, fetched, started, hints) == "mine"]
                     self.refresh(hints)  # a record may have landed between our look and our claim
                     for k in [k for k in mine if k in self._index]:
+                        waited.add(k)  # another writer's, stored during this call: counted with the waits
                         self.release(k)
                     mine = [k for k in mine if k not in self._index]
                     if mine:

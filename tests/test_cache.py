@@ -81,6 +81,28 @@ def test_get_or_generate_serves_hits_generates_misses_and_keeps_failed_rows_unca
     assert not list((tmp_path / "claims").iterdir())
 
 
+def test_record_stored_by_another_writer_between_our_look_and_our_claim_is_counted_and_not_generated(tmp_path):
+    # The race behind a flaky 2-rank run: rank B looks (miss), rank A stores the pair and frees its claim, B's claim
+    # then succeeds. B must use A's record, and count it as another writer's (it was counted as nothing before).
+    writer_a, writer_b = RecycleCache(tmp_path), RecycleCache(tmp_path)
+    real_acquire = writer_b._acquire
+
+    def acquire_after_a_stored(key, *args, **kwargs):
+        if key not in writer_a:
+            writer_a.put_many([{"key": key, "raw": "from A"}])
+        return real_acquire(key, *args, **kwargs)
+
+    writer_b._acquire = acquire_after_a_stored
+
+    def generate(keys):
+        raise AssertionError(f"generated {keys} a second time")
+
+    fetched = writer_b.get_or_generate(["shared"], generate)
+    assert fetched.records["shared"]["raw"] == "from A"
+    assert (fetched.hits, fetched.misses, fetched.generated, fetched.waited) == (0, 1, 0, 1)
+    assert not list((tmp_path / "claims").iterdir())
+
+
 def test_lone_surrogate_in_oracle_text_is_stored_and_read_back_unchanged(tmp_path):
     text = "broken \ud83d emoji half and a normal é"
     RecycleCache(tmp_path).put_many([{"key": "s", "raw": text}, {"key": "t", "raw": "plain ü"}])
