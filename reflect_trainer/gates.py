@@ -1,4 +1,4 @@
-"""Acceptance gates: a parsed rewrite replaces the original only if it is complete and not worse.
+"""Acceptance gates: a parsed rewrite replaces the original only if it is complete, not degenerate and not shorter.
 
 Parsing (``parsing.py``) finds the marked sections and rejects outputs that are not rewrites at all (no section,
 placeholder, echo). The gates here reject rewrites that *are* rewrites but would teach the student something bad:

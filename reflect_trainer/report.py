@@ -396,7 +396,7 @@ def _tail(text: str, chars: int = 160) -> str:
 
 def _acceptance_html(rows: list[dict[str, Any]], columns: set[str]) -> list[str]:
     """What was accepted (how each rewrite ended, how long it is against what it replaces) and what was rejected and
-    why, with examples: the evidence that "accepted" means complete and not worse."""
+    why, with examples: the evidence that "accepted" means complete, not degenerate and not shorter (form only)."""
     from .gates import ends_mid_sentence
 
     out = ['<h2>Accepted rewrites</h2><table id="accepted"><tr><th>phase</th><th>accepted</th>'
