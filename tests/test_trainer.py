@@ -169,6 +169,19 @@ class KilledAfterTrainerState(Exception):
     pass
 
 
+def checkpointed_run(tmp_path, oracle_path, alpaca_pairs, rows, save_steps):
+    """The two checkpoint tests' setup: a tiny student, ``rows`` real pairs, response mode with one-row buffers,
+    a checkpoint every ``save_steps`` steps, and a scripted oracle (the claim is the bookkeeping, not the text)."""
+    student = tiny_student(tmp_path / "student", oracle_path)
+    data = alpaca_pairs.select(range(rows))
+    config = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact",
+                              buffer_batches=1, progress_bar=False)
+    args = sft_config(tmp_path, num_train_epochs=1, per_device_train_batch_size=1, save_strategy="steps",
+                      save_steps=save_steps, logging_steps=100)
+    oracle = ScriptedOracle(lambda c: "A longer and better answer than before. [End]")
+    return student, data, config, args, oracle
+
+
 def test_checkpoint_whose_trainer_state_is_written_already_holds_the_trained_rows(
         tmp_path, oracle_path, alpaca_pairs, monkeypatch):
     """The Trainer writes trainer_state.json last; a checkpoint that has it counts as complete and is resumed from.
@@ -176,12 +189,7 @@ def test_checkpoint_whose_trainer_state_is_written_already_holds_the_trained_row
     trainer state left a checkpoint whose resumed run exported none of the rows trained before it."""
     from transformers.trainer_callback import TrainerState
 
-    student = tiny_student(tmp_path / "student", oracle_path)
-    data = alpaca_pairs.select(range(4))
-    config = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact",
-                              buffer_batches=1, progress_bar=False)
-    args = sft_config(tmp_path, num_train_epochs=1, per_device_train_batch_size=1, save_strategy="steps",
-                      save_steps=2, logging_steps=100)
+    student, data, config, args, oracle = checkpointed_run(tmp_path, oracle_path, alpaca_pairs, rows=4, save_steps=2)
     save_to_json = TrainerState.save_to_json
 
     def killed_after_writing(self, path):  # the process dies right after the trainer state is on disk
@@ -190,7 +198,7 @@ def test_checkpoint_whose_trainer_state_is_written_already_holds_the_trained_row
 
     monkeypatch.setattr(TrainerState, "save_to_json", killed_after_writing)
     trainer = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
-                                   oracle=ScriptedOracle(lambda c: "A longer and better answer than before. [End]"))
+                                   oracle=oracle)
     with pytest.raises(KilledAfterTrainerState):
         trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
@@ -200,7 +208,7 @@ def test_checkpoint_whose_trainer_state_is_written_already_holds_the_trained_row
 
     monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
     resumed = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
-                                   oracle=ScriptedOracle(lambda c: "A longer and better answer than before. [End]"))
+                                   oracle=oracle)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     exported = resumed.recycled_dataset()
     assert exported["original_instruction"] == data["instruction"]  # all 4 rows, 2 of them trained before the kill
@@ -211,13 +219,7 @@ def test_resumed_from_the_last_checkpoint_the_export_still_holds_every_trained_r
     """A run killed after its last checkpoint (while saving the model or exporting) resumes from it with no step
     left: the Trainer then runs no epoch, and the trained rows, read in a hook of its epoch loop, were never loaded:
     the export was empty."""
-    student = tiny_student(tmp_path / "student", oracle_path)
-    data = alpaca_pairs.select(range(2))
-    config = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact",
-                              buffer_batches=1, progress_bar=False)
-    args = sft_config(tmp_path, num_train_epochs=1, per_device_train_batch_size=1, save_strategy="steps",
-                      save_steps=1, logging_steps=100)
-    oracle = ScriptedOracle(lambda c: "A longer and better answer than before. [End]")
+    student, data, config, args, oracle = checkpointed_run(tmp_path, oracle_path, alpaca_pairs, rows=2, save_steps=1)
     first = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config, oracle=oracle)
     first.train()
     resumed = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
