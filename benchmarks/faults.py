@@ -81,7 +81,9 @@ def worker(spec: dict) -> None:
     generate = counting_generate(spec["calls"], spec["sleep"], spec["tag"], cache)
     got, keys, batch, taken_over = {}, spec["keys"], spec["batch"], 0
     try:
-        for start in range(0, len(keys), batch):
+        for n, start in enumerate(range(0, len(keys), batch)):
+            if spec.get("failpoint") and n == spec.get("arm_after", 0):  # a kill -9 or a full disk at that point
+                os.environ["REFLECT_CACHE_FAILPOINT"] = spec["failpoint"]
             fetched = cache.get_or_generate(keys[start : start + batch], generate)
             got.update({k: r["raw"] for k, r in fetched.records.items()})
             taken_over += fetched.taken_over
@@ -314,6 +316,149 @@ def disk_full(root: Path, rng: random.Random, hang: float) -> dict:
     return r
 
 
+INDEX_CASES = ("kill after data fsync", "kill mid index entry", "disk full writing the index", "entry past the end",
+               "zeroed index region", "stale index", "kill mid merge", "kill before the merged index is linked",
+               "duplicated key, readers in opposite orders")
+
+
+def index_faults(root: Path, rng: random.Random, hang: float, case: str) -> dict:
+    """The index files under faults: each case must lose nothing, return no wrong record and regenerate nothing."""
+    import numpy as np
+
+    from reflect_trainer.cache import _encode
+    from reflect_trainer.cache_index import _ENTRY, _HEADER_BYTES, _entries
+
+    t = Trial(root, n_keys=40, lease=60.0, sleep=0.0)
+    failpoints = {"kill after data fsync": "after_data_fsync", "kill mid index entry": "mid_index_entry",
+                  "disk full writing the index": "enospc:index_write"}
+    ok = True
+    if case in failpoints:
+        tag, p = t.start(t.keys, failpoint=failpoints[case], arm_after=rng.randint(1, 8))
+        t.wait([p], hang)
+        if p.returncode == -signal.SIGKILL:
+            t.killed.add(tag)
+        ok &= (p.returncode == -signal.SIGKILL) == case.startswith("kill")
+    elif "merge" in case:
+        for i in range(4):  # four runs that ended cleanly: four sealed segments
+            t.wait([t.start(t.keys[i * 10 : i * 10 + 10])[1]], hang)
+        point = "mid_merge" if "mid merge" in case else "before_index_link"
+        code = f"from reflect_trainer.cache import RecycleCache; RecycleCache({str(t.dir)!r}).compact()"
+        merger = subprocess.run([sys.executable, "-c", code], env={**ENV, "REFLECT_CACHE_FAILPOINT": point},
+                                timeout=hang)
+        ok &= merger.returncode == -signal.SIGKILL
+        ok &= final_equals_uninterrupted(RecycleCache(t.dir), t.keys) and len(RecycleCache(t.dir)) == 40
+        time.sleep(0.1)
+        finisher = RecycleCache(t.dir, cleanup_grace_seconds=0, claim_lease_seconds=0.05)
+        ok &= finisher.compact() == 4 and len(list((t.dir / "segments").glob("*.jsonl"))) == 1
+    elif case == "duplicated key, readers in opposite orders":
+        (t.dir / "segments").mkdir(parents=True)
+        for i in range(4):
+            (t.dir / "segments" / f"h-{i}-0000000{i}.jsonl").write_bytes(_encode({"key": "dup", "raw": f"copy {i}"}))
+        served = []
+        for order in (sorted, lambda names: sorted(names, reverse=True)):
+            names = order(os.listdir(t.dir / "segments"))
+            visible = names[:1]
+            reader = RecycleCache.__new__(RecycleCache)
+            reader._segment_names = lambda visible=visible: list(visible)
+            RecycleCache.__init__(reader, t.dir)
+            for name in names[1:]:
+                visible.append(name)
+                reader.refresh()
+            served.append(reader.get("dup"))
+        ok &= served[0] == served[1] is not None
+        shutil.rmtree(t.dir)
+        t.wait([t.start(t.keys)[1]], hang)
+    else:
+        t.wait([t.start(t.keys)[1]], hang)
+        (segment,) = (t.dir / "segments").glob("*.jsonl")
+        index = t.dir / "index" / (segment.stem + ".idx")
+        data = index.read_bytes()
+        e = np.frombuffer(data[_HEADER_BYTES:], dtype=_ENTRY)[:-1].copy()  # without the seal
+        if case == "entry past the end":
+            e["length"][-1] += 10_000
+            index.write_bytes(data[:_HEADER_BYTES] + _entries(e["digest"], e["offset"], e["length"], e["crc"]))
+        elif case == "zeroed index region":
+            cut = rng.randint(0, len(e) - 5)
+            index.write_bytes(data[:_HEADER_BYTES + cut * 32] + bytes(5 * 32) + data[_HEADER_BYTES + cut * 32 + 160:])
+        else:  # stale: the last records were written, then a kill -9 before their index entries
+            keep = rng.randint(1, len(e) - 1)
+            index.write_bytes(data[:_HEADER_BYTES + keep * 32])
+    # A fresh process resumes every key: nothing may be generated again that was stored.
+    t.wait([t.start(t.keys)[1]], hang)
+    r = t.result()
+    r["final_ok"] &= ok
+    return r
+
+
+def clocks(root: Path, i: int) -> dict:
+    """A live owner on another host (its pid cannot be checked) holds a key. ``i`` even: the waiter's wall clock is
+    150 s fast and then slow (as a file server's or another host's may be); ``i`` odd: the waiter's call has run longer
+    than ``max_wait_seconds`` when it first meets a fresh claim. Neither may take the claim over: that would generate
+    the key a second time (counted as a duplicate generation)."""
+    import threading
+
+    from reflect_trainer import cache as cache_module
+
+    def remote(cache: RecycleCache) -> RecycleCache:
+        cache._owner.update(host="other-node", boot="another-boot", pidns="pid:[1]")
+        return cache
+
+    generated: list[str] = []
+
+    def generate(tag, seconds):
+        def run(keys):
+            generated.extend(keys)
+            time.sleep(seconds)
+            return [{"key": k, "raw": f"{tag}:{k}"} for k in keys], {}
+        return run
+
+    taken_over = wrong = 0
+    directory = root / "cache"
+    if i % 2 == 0:
+        owner = remote(RecycleCache(directory, claim_lease_seconds=1.0))
+        thread = threading.Thread(target=owner.get_or_generate, args=(["k"], generate("owner", 4.0)), daemon=True)
+        thread.start()
+        while not (directory / "claims" / "k").exists():
+            time.sleep(0.01)
+        waiter = RecycleCache(directory, claim_lease_seconds=1.0, max_wait_seconds=3600)
+        real_time = time.time
+        try:
+            for skew in (150, -150):
+                cache_module.time.time = lambda skew=skew: real_time() + skew
+                deadline = real_time() + 1.5
+                while real_time() < deadline:  # past the lease: only the heartbeat keeps the claim
+                    taken_over += waiter.try_claim("k")
+                    time.sleep(0.1)
+        finally:
+            cache_module.time.time = real_time
+        thread.join(30)
+        fetched = waiter.get_or_generate(["k"], generate("waiter", 0))
+        wrong += fetched.records["k"]["raw"] != "owner:k"
+    else:
+        waiter = RecycleCache(directory, claim_lease_seconds=3600, max_wait_seconds=1.0)
+        first, second = (remote(RecycleCache(directory, claim_lease_seconds=3600)) for _ in range(2))
+        first.try_claim("b")
+
+        def hand_over():
+            time.sleep(1.2)
+            first.release("b")
+            second.try_claim("b")
+            time.sleep(1.0)
+            generated.append("b")
+            second.put_many([{"key": "b", "raw": "second:b"}])
+            second.release("b")
+
+        thread = threading.Thread(target=hand_over, daemon=True)
+        thread.start()
+        fetched = waiter.get_or_generate(["a", "b"], generate("waiter", 1.5))
+        thread.join(30)
+        taken_over += fetched.taken_over
+        wrong += fetched.records["b"]["raw"] != "second:b"
+    dup = sum(n - 1 for n in Counter(generated).values())
+    return {"faults": 0, "takeovers": taken_over, "lost": 0, "twice": 0, "dup_gen": dup, "hangs": 0, "wrong": wrong,
+            "final_ok": taken_over == 0}
+
+
 # ---- the table -------------------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -321,6 +466,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--hang", type=float, default=60.0, help="seconds after which a process counts as hung")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="", help="run only the scenarios whose name contains this")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -333,12 +479,15 @@ def main() -> int:
         ("two hosts (unshare --uts --pid)", args.trials, lambda root, i: two_hosts(root, rng, args.hang, i % 2 == 1)),
         ("fork / datasets num_proc=2", args.trials, lambda root, i: fork_and_num_proc(root, rng, args.hang)),
         ("disk full mid-batch, then space back", args.trials, lambda root, i: disk_full(root, rng, args.hang)),
+        ("index and merge faults (9 cases)", 2 * len(INDEX_CASES),
+         lambda root, i: index_faults(root, rng, args.hang, INDEX_CASES[i % len(INDEX_CASES)])),
+        ("clocks: skew 150 s, call past max_wait", 2, lambda root, i: clocks(root, i)),
     ]
     header = ("scenario", "trials", "faults hit", "takeovers", "rows lost", "stored twice", "dup. generations",
               "hangs", "wrong hits", "all checks")
     rows = []
     started = time.time()
-    for name, trials, run in scenarios:
+    for name, trials, run in [s for s in scenarios if args.only in s[0]]:
         total = Counter()
         ok = 0
         for i in range(trials):

@@ -6,6 +6,7 @@ from .config import ReflectionConfig
 from .export import load_data, save_recycled, to_sft_dataset
 from .formats import BadRowError, Pair, validate_rows
 from .oracles import ENGINES, GenerationSettings, Oracle, load_oracle
+from .preflight import InputError
 from .recycler import RECYCLED_COLUMNS, SELECTION_COLUMNS, Recycler
 from .selection import StudentScorer, score_pairs, select_version
 from .structured import SectionFormat
@@ -13,6 +14,7 @@ from .templates import ReflectionStep, ReflectionTemplate
 
 __all__ = [
     "BadRowError",
+    "InputError",
     "ENGINES",
     "GenerationSettings",
     "Oracle",

@@ -1,20 +1,38 @@
-"""Persistent, content-addressed store of raw oracle texts, safe under crashes and concurrent writers.
+"""Persistent, content-addressed store of raw oracle texts, safe under crashes and concurrent writers, that opens in
+well under a second at paper scale and keeps only where records are in memory.
 
 Why this design and not SQLite: ranks on several machines often share only a network filesystem (NFS, Lustre),
-where SQLite's locking and WAL are documented as unsafe. So every writer (process) appends to its *own* segment
-file and nobody ever rewrites a file:
+where SQLite's locking and WAL are documented as unsafe. So every writer (process) appends to its *own* files and
+nobody ever rewrites a file:
 
-* ``segments/<host>-<pid>-<random>.jsonl``: one record per line, ``<crc32> <json>``. A batch is written and fsynced
-  before the caller goes on, so a ``kill -9`` loses at most the batch in flight (an engine that answers prompts one
-  by one, as an HTTP server does, stores each answer as it arrives: :meth:`RecycleCache.store_early`, so only the
-  prompts still in flight are lost). A torn last line fails its checksum
-  and is ignored on read; the cache always opens. A failed write (disk full) is cut back to the last whole record
-  and the segment is abandoned, so a torn fragment never merges with a later record.
-* Readers merge all segments into an in-memory index. They open each segment and read to its end (never trusting a
-  cached ``stat`` size: on NFS, ``open`` is what revalidates), and never step past a region whose bytes have not
-  arrived yet (read as NULs).
+* ``segments/<writer>.jsonl``: the records, the source of truth. One record per line, ``<crc32> <json>``. A batch is
+  written and fsynced before the caller goes on, so a ``kill -9`` loses at most the batch in flight (an engine that
+  answers prompts one by one, as an HTTP server does, stores each answer as it arrives:
+  :meth:`RecycleCache.store_early`). A torn last line fails its checksum and is ignored on read; the cache always
+  opens. A failed write (disk full) is cut back to the last whole record and the segment is abandoned, so a torn
+  fragment never merges with a later record. Segments are created with ``O_EXCL``.
+* ``index/<writer>.idx``: where each record of that segment is, written by the segment's writer *after* the data's
+  fsync: a header line (the writer's identity) and fixed 32-byte entries ``(key digest, offset, length, record
+  crc32, entry check)``. An index is a hint, never trusted over the data: an entry is used only if its check holds,
+  it starts where the previous one ended, and it ends inside the segment as opened now; every ``get`` checks the
+  record's crc32 and key. A torn, zeroed, stale or missing index (kill -9 after the data's fsync, a full disk, a
+  cache written before indexes existed) costs a scan of the data it does not cover, never a wrong answer. Segments
+  without an index (older caches) get one built once by the first reader (written privately, then hard-linked to
+  its name: exactly one builder wins).
 * ``claims/<key>``: a lease on a key, taken before the key is sent to the oracle. :meth:`RecycleCache.get_or_generate`
   is the one call that runs the whole protocol (claim, heartbeat, wait, takeover, store, release).
+
+Memory: per record, 28 bytes in numpy arrays (digest, segment, offset, length, crc), nothing else; a ``get`` reads
+the record with one ``pread``. Pickled (``datasets.map(num_proc=N)``) copies carry no index and reopen lazily.
+
+Compaction: a writer seals its segment when its process ends cleanly (an entry in its index); a segment whose writer
+died on this machine (its pid is gone) counts as sealed too. When ``compact_after_segments`` sealed small segments
+have piled up (a run restarted 50 times), the next open merges them into one (under a claim, so one process does it),
+keeping one copy of each key, and removes leftovers of dead processes (claim temp files, orphaned indexes) after
+``cleanup_grace_seconds`` by the file server's own clock (a probe file's mtime; never this host's clock). What it
+relies on beyond the segments: ``rename`` and ``link`` are atomic on the shared filesystem (true of local disks and
+NFS; the claims rely on the same), and a sealed segment is never appended to (its writer has sealed it or is dead).
+Segments of a writer that died on *another* machine are not merged (their pids cannot be checked from here).
 
 The guarantee
 -------------
@@ -25,14 +43,13 @@ process gets its own writer id), ranks, and hosts sharing the directory.
 *At least once, deduplicated*, when an owner dies or stalls. A claim is a lease, renewed by a heartbeat thread every
 ``claim_lease_seconds / 4``. It is taken over at once when its owner provably died (same machine and pid namespace:
 the pid is gone, a zombie, or now names a process with another start time, i.e. a reused pid); otherwise when its
-heartbeat has not moved for ``claim_lease_seconds`` on the waiter's own clock (skew between hosts does not matter),
-or its mtime is older than twice the lease (a shortcut for claims found after a restart; it assumes clocks agree
-with the file server's to within a lease). Takeover is atomic: exactly one taker wins, and only the owner's own claim
-is ever released. A dead owner's unfinished work is redone, never stored twice. A *live* owner that lost its lease
-(stopped longer than the lease, or waited on for more than ``max_wait_seconds``) stores its record only if nobody
-stored the key meanwhile; if both store at the same moment, readers keep the first record of the key they see and
-count the other in ``duplicates_seen``. No wait is unbounded: a waiter gets the record, or takes the key over
-when the lease (at the latest ``max_wait_seconds``) runs out.
+heartbeat has not moved for ``claim_lease_seconds``, measured on the waiter's own monotonic clock from when it saw
+the claim change (no wall clock of any host or file server is compared), or when that owner has held the key for
+``max_wait_seconds`` since this process first saw its claim. Takeover is atomic: exactly one taker wins, and only the
+owner's own claim is ever released. A dead owner's unfinished work is redone, never stored twice. A *live* owner that
+lost its lease stores its record only if nobody stored the key meanwhile; if both store at the same moment, every
+reader that sees both copies serves the same one (the smaller crc32, then the smaller bytes: a rule of the content,
+not of the order segments were read in, and kept by compaction) and counts the other in ``duplicates_seen``.
 
 Rows the generator reports as failed are never stored: every process that asks again retries them.
 Oracle text that is not valid UTF-8 (a lone surrogate) is stored ``\\u``-escaped and read back unchanged.
@@ -43,21 +60,29 @@ regeneration (the key covers only what shapes the oracle's output).
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
 import weakref
 import zlib
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
+
+import numpy as np
+
+from .cache_index import (_ENTRY, _HEADER_BYTES, _LOC, _SEAL_LENGTH, _digest, _entries, _entry_check, _header,
+                          _line_crc, _Locations)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +119,23 @@ class CacheWriteError(OSError):
     """Records could not be stored (disk full, quota, I/O error). Nothing partial was kept; stored records stay."""
 
 
-# ---- who owns a claim ------------------------------------------------------------------------------------------
+# ---- fault injection (the fault harness and tests only) ---------------------------------------------------------
+_FAILPOINT_ENV = "REFLECT_CACHE_FAILPOINT"
+
+
+def _failpoint(name: str) -> None:
+    """``kill -9`` this process at a named point when ``$REFLECT_CACHE_FAILPOINT`` names it (``enospc:<name>``:
+    raise a disk-full error there instead). Costs one environment look-up; nothing is armed in normal runs."""
+    armed = os.environ.get(_FAILPOINT_ENV)
+    if not armed:
+        return
+    if armed == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if armed == f"enospc:{name}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# ---- who owns a claim or a segment -------------------------------------------------------------------------------
 def _read_text(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -138,6 +179,17 @@ def _process_alive(pid: int, start: int | None) -> bool:
     return state not in ("Z", "X") and (start is None or started == start)
 
 
+def _provably_dead(owner: dict, pidns: str | None) -> bool:
+    """True only for an owner on this machine and pid namespace whose process is gone."""
+    try:
+        pid = int(owner["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    local = owner.get("boot") == _BOOT_ID and owner.get("pidns") == pidns and (
+        _BOOT_ID is not None or owner.get("host") == socket.gethostname())
+    return local and not _process_alive(pid, owner.get("start"))
+
+
 # Claims held by any cache object of this process (by nonce): a claim naming this pid that is not among them is a
 # leftover of this process, not a live owner.
 _HELD_HERE: set[str] = set()
@@ -152,6 +204,15 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _seal_at_exit() -> None:
+    for cache in list(_LIVE_CACHES):
+        try:  # never blocks exit: a segment left unsealed is merged once its pid is gone
+            cache._seal(timeout=1.0)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 @dataclass
@@ -170,8 +231,30 @@ class Fetched:
 
 @dataclass
 class _Seen:
-    identity: tuple
-    since: float  # monotonic time at which this exact claim state was first seen
+    """What this process has seen of another writer's claim on one key, on its own monotonic clock."""
+
+    identity: tuple  # (content, inode, mtime): changes with every heartbeat
+    since: float  # when this exact state (heartbeat) was first seen
+    owner: bytes  # the claim's content: changes only when the key changes hands
+    first_seen: float  # when this owner's claim was first seen: max_wait_seconds counts from here
+
+
+@dataclass
+class _Segment:
+    """What this process has indexed of one segment."""
+
+    ordinal: int
+    data_end: int = 0  # bytes of the segment indexed (everything before is whole, given up, or a gap)
+    index_pos: int = 0  # bytes of its index file consumed
+    index_usable: bool = True  # False after a bad entry: the rest of this segment is read from its data
+    has_index: bool | None = None  # None: not looked yet
+    sealed: bool = False  # its writer ended cleanly: nothing will be appended
+    owner: dict | None = None  # the writer's identity, from its index header
+    after_hole: set = field(default_factory=set)  # offsets indexed past a region whose bytes had not arrived (NFS)
+
+
+_EMPTY = np.empty(0, dtype=_LOC)
+_COMPACTION_KEY = "compaction.lock"
 
 
 class RecycleCache:
@@ -179,109 +262,275 @@ class RecycleCache:
 
     Args:
         directory: Shared by every process that recycles the same data (all ranks, all hosts, all reruns).
-        claim_lease_seconds: A claim whose heartbeat has not moved for this long is taken over. The owner renews it
-            every quarter of it, from a background thread, while its oracle call runs.
-        max_wait_seconds: A key claimed by a live, heartbeating owner is taken over after this long anyway
-            (a hung oracle call must not hang every other process); the owner's record is then kept only if it
-            lands first.
+        claim_lease_seconds: A claim whose heartbeat has not moved for this long (on the waiter's own clock) is taken
+            over. The owner renews it every quarter of it, from a background thread, while its oracle call runs.
+        max_wait_seconds: A key claimed by a live, heartbeating owner is taken over once this process has seen that
+            owner hold it this long (a hung oracle call must not hang every other process); the owner's record is
+            then kept only if it lands first.
         poll_seconds: Longest pause between two looks while waiting for another writer (it starts shorter).
+        compact_after_segments: Opening merges sealed segments (of writers that ended) once this many have piled up.
+        cleanup_grace_seconds: Temp files, orphaned indexes and claims of owners that are gone are removed once they
+            are this old by the file server's clock (other hosts may still be using a fresh one).
     """
 
     def __init__(self, directory: str | os.PathLike, claim_lease_seconds: float = 60.0,
-                 max_wait_seconds: float = 3600.0, poll_seconds: float = 1.0):
+                 max_wait_seconds: float = 3600.0, poll_seconds: float = 1.0, compact_after_segments: int = 32,
+                 cleanup_grace_seconds: float = 3600.0):
         self.directory = Path(directory)
         self.segments_dir = self.directory / "segments"
         self.claims_dir = self.directory / "claims"
-        self.segments_dir.mkdir(parents=True, exist_ok=True)
-        self.claims_dir.mkdir(parents=True, exist_ok=True)
+        self.index_dir = self.directory / "index"
+        for d in (self.segments_dir, self.claims_dir, self.index_dir):
+            d.mkdir(parents=True, exist_ok=True)
         self.claim_lease_seconds = claim_lease_seconds
         self.max_wait_seconds = max_wait_seconds
         self.poll_seconds = poll_seconds
-        self._index: dict[str, dict] = {}
-        self._source: dict[str, tuple[str, int]] = {}  # key -> (segment, offset) it was read from
-        self._offsets: dict[str, int] = {}  # segment name -> bytes indexed (everything before is whole or given up)
-        self._holes: dict[tuple[str, int], float] = {}  # not-yet-arrived regions -> when first seen
-        self.duplicates_seen = 0  # records whose key was already indexed from another place (should stay 0)
+        self.compact_after_segments = compact_after_segments
+        self.cleanup_grace_seconds = cleanup_grace_seconds
         self.leases_lost = 0  # claims this process held that someone else took over
+        self.index_mismatches = 0  # index entries that did not match their data (the segment was read again)
+        self._reset_index()
         self._become_new_writer()
         _LIVE_CACHES.add(self)
         self.refresh()
+        self._maintain()
+
+    @property
+    def duplicates_seen(self) -> int:
+        """Keys with two different stored records (a live owner that lost its lease stored at the same moment as
+        its taker); should stay 0. Identical copies (a compaction in progress) are not counted."""
+        return self._locs.duplicates
+
+    def _reset_index(self) -> None:
+        self._locs = _Locations()
+        self._segments: dict[str, _Segment] = {}
+        self._names: list[str] = []  # segment ordinal -> name (ordinals are never reused)
+        self._holes: dict[tuple[str, int], float] = {}  # not-yet-arrived regions -> when first seen
+        self._readers: OrderedDict[int, int] = OrderedDict()  # segment ordinal -> open descriptor (LRU)
+        self._index_lock = threading.RLock()
+        self._opened = True
 
     # ---- identity of this writer (per process) ----------------------------------------------------------------
     def _become_new_writer(self) -> None:
         """A new process (fork, unpickle) must not share the parent's segment, claims or writer id."""
         self._pid = os.getpid()
         self.host = socket.gethostname()
-        self.writer_id = f"{self.host}-{self._pid}-{uuid.uuid4().hex[:8]}"
-        fd = getattr(self, "_fd", None)
-        if fd is not None and getattr(self, "_fd_pid", None) != self._pid:
-            try:
-                os.close(fd)  # the inherited copy; the parent's stays open
-            except OSError:
-                pass
-        self._fd, self._fd_pid, self._segment_size = None, self._pid, 0
+        for name in ("_fd", "_index_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None and getattr(self, "_fd_pid", None) != self._pid:
+                try:
+                    os.close(fd)  # the inherited copy; the parent's stays open
+                except OSError:
+                    pass
+        self._fd = self._index_fd = None
+        self._fd_pid, self._segment_size, self._index_ok = self._pid, 0, True
         self._held: dict[str, bytes] = {}  # key -> our claim's content
+        self._seen: dict[str, _Seen] = {}  # key -> what we saw of another writer's claim on it
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()  # put_many from the caller and from store_early's engine threads
         stat = _proc_stat(self._pid)
         self._owner = {"host": self.host, "boot": _BOOT_ID, "pidns": _pid_namespace(), "pid": self._pid,
-                       "start": stat[1] if stat else None, "writer": self.writer_id}
+                       "start": stat[1] if stat else None, "writer": ""}
+        self._new_writer_id()
+
+    def _new_writer_id(self) -> None:
+        self.writer_id = f"{self.host}-{self._pid}-{uuid.uuid4().hex[:8]}"
+        self._owner["writer"] = self.writer_id
 
     def _same_process_check(self) -> None:
         if self._pid != os.getpid():  # forked without the at-fork hook (e.g. a C-level fork)
             self._become_new_writer()
 
+    _PICKLED = ("directory", "segments_dir", "claims_dir", "index_dir", "claim_lease_seconds", "max_wait_seconds",
+                "poll_seconds", "compact_after_segments", "cleanup_grace_seconds", "leases_lost", "index_mismatches")
+
     def __getstate__(self):
-        state = self.__dict__.copy()
-        for name in ("_fd", "_lock", "_write_lock", "_held", "_owner"):
-            state.pop(name, None)
-        return state
+        """Settings only (a few hundred bytes): no index, no descriptors. The copy reopens the cache on first use."""
+        return {name: self.__dict__[name] for name in self._PICKLED}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._fd = None
+        self._reset_index()
+        self._opened = False
         self._become_new_writer()
         _LIVE_CACHES.add(self)
 
+    def _ensure_open(self) -> None:
+        if not self._opened:
+            self.refresh()
+
     # ---- reading -------------------------------------------------------------------------------------------
     def _segment_names(self) -> list[str]:
-        return [n for n in os.listdir(self.segments_dir) if n.endswith(".jsonl")]
+        return [n for n in os.listdir(self.segments_dir) if n.endswith(".jsonl") and not n.startswith(".")]
 
     def refresh(self, also: Iterable[str] = ()) -> None:
         """Index what other writers appended since the last call. ``also``: segment names to read even if the
-        directory listing does not show them yet (on NFS it may be cached)."""
-        for name in sorted(set(self._segment_names()) | {n for n in also if n}):
-            self._read_segment(name)
+        directory listing does not show them yet (on NFS it may be cached). Each segment is opened (not stat'ed:
+        on NFS, ``open`` is what revalidates); one that has not grown costs nothing more."""
+        with self._index_lock:
+            self._opened = True
+            names = set(self._segment_names()) | {n for n in also if n}
+            parts, gone = [], []
+            for name in sorted(names):
+                part = self._read_segment(name)
+                if part is None:
+                    if name in self._segments:
+                        gone.append(name)
+                elif len(part):
+                    parts.append(part)
+            for name in set(self._segments) - names:  # not listed: merged away, or a stale listing
+                if not (self.segments_dir / name).exists():
+                    gone.append(name)
+            if gone:
+                self._forget(gone)
+            if parts:
+                new = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                parts.clear()  # at 1.5M records every copy is 42 MB: keep one alive at a time
+                self._locs.add(new)
 
-    def _read_segment(self, name: str) -> None:
-        offset = self._offsets.get(name, 0)
+    def _forget(self, names: list[str]) -> None:
+        ordinals = {self._segments.pop(n).ordinal for n in names if n in self._segments}
+        for ordinal in ordinals:
+            self._close_reader(ordinal)
+        if ordinals:
+            self._locs.drop_segments(ordinals)
+
+    def _segment(self, name: str) -> _Segment:
+        seg = self._segments.get(name)
+        if seg is None:
+            seg = self._segments[name] = _Segment(ordinal=len(self._names))
+            self._names.append(name)
+        return seg
+
+    def _read_segment(self, name: str) -> np.ndarray | None:
+        """New locations in segment ``name`` (from its index where it can be trusted, else from its data); None if
+        the segment does not exist."""
         try:
-            with open(self.segments_dir / name, "rb") as f:  # open, not stat: close-to-open revalidation on NFS
-                f.seek(offset)
-                data = f.read()
+            fd = os.open(self.segments_dir / name, os.O_RDONLY)
         except FileNotFoundError:
-            return
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            seg = self._segment(name)
+            if size <= seg.data_end:
+                return _EMPTY  # nothing new: the common case, one open and one fstat
+            parts = []
+            if seg.index_usable:
+                parts.append(self._read_index(seg, name, size))
+            if seg.data_end < size:
+                start = seg.data_end
+                scanned, gapless = self._scan(seg, name, fd, size)
+                parts.append(scanned)
+                if start == 0 and seg.has_index is False and gapless and len(scanned):
+                    self._publish_index(name, scanned)
+            parts = [p for p in parts if len(p)]
+            return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else _EMPTY)
+        finally:
+            os.close(fd)
+
+    def _index_path(self, name: str) -> Path:
+        return self.index_dir / (name[: -len(".jsonl")] + ".idx")
+
+    def _read_index(self, seg: _Segment, name: str, size: int) -> np.ndarray:
+        """The entries of the segment's index that are checked, follow on from what is indexed, and lie inside the
+        segment as opened now. Anything else is read from the data instead."""
+        try:
+            with open(self._index_path(name), "rb") as f:
+                if seg.index_pos == 0:
+                    head = f.read(_HEADER_BYTES)
+                    seg.has_index = True
+                    if len(head) < _HEADER_BYTES or not head.endswith(b"\n"):
+                        if head.strip(b"\0 "):  # torn or zeroed header: this index is no use to us
+                            seg.index_usable = False
+                        return _EMPTY  # or its writer is writing it: looked at again next time
+                    try:
+                        seg.owner = json.loads(head)
+                    except ValueError:
+                        seg.index_usable = False
+                        return _EMPTY
+                    seg.index_pos = _HEADER_BYTES
+                f.seek(seg.index_pos)
+                raw = f.read()
+        except FileNotFoundError:
+            seg.has_index = False
+            return _EMPTY
+        e = np.frombuffer(raw, dtype=_ENTRY, count=len(raw) // _ENTRY.itemsize)  # a torn last entry is left
+        ok = e["check"] == _entry_check(e["digest"], e["offset"], e["length"], e["crc"])
+        usable = len(e)
+        if not ok.all():
+            usable = int(np.argmin(ok))
+            logger.warning("cache index of %s: entry %d fails its check (torn or zeroed); reading the rest of the "
+                           "segment from its data", name, (seg.index_pos - _HEADER_BYTES) // 32 + usable)
+            seg.index_usable = False
+        e = e[:usable]
+        seals = np.nonzero(e["length"] == _SEAL_LENGTH)[0]
+        if len(seals):
+            if int(e["offset"][seals[0]]) <= size:
+                seg.sealed = True
+            e = e[: seals[0]]
+        offsets, ends = e["offset"], e["offset"] + e["length"].astype(np.uint64)
+        if len(e) > 1 and not (offsets[1:] == ends[:-1]).all():
+            stop = int(np.argmin(offsets[1:] == ends[:-1])) + 1
+            logger.warning("cache index of %s: entry %d does not follow on from the one before; reading the rest "
+                           "of the segment from its data", name, stop)
+            seg.index_usable = False
+            e, offsets, ends = e[:stop], offsets[:stop], ends[:stop]
+        inside = int(np.searchsorted(ends, np.uint64(size), "right"))  # entries past the end: not arrived yet
+        covered = int(np.searchsorted(ends[:inside], np.uint64(seg.data_end), "right"))  # read from the data already
+        if covered < inside and int(offsets[covered]) != seg.data_end:
+            logger.warning("cache index of %s disagrees with its data at byte %d; reading the segment's data", name,
+                           seg.data_end)
+            seg.index_usable = False
+            inside = covered
+        if not seg.sealed or inside < len(e):
+            seg.index_pos += inside * _ENTRY.itemsize
+        else:
+            seg.index_pos += (inside + 1) * _ENTRY.itemsize  # past the seal too
+        use = e[covered:inside]
+        if not len(use):
+            return _EMPTY
+        seg.data_end = int(ends[inside - 1])
+        out = np.empty(len(use), dtype=_LOC)
+        for name_ in ("digest", "offset", "length", "crc"):
+            out[name_] = use[name_]
+        out["seg"] = seg.ordinal
+        return out
+
+    def _scan(self, seg: _Segment, name: str, fd: int, size: int) -> tuple[np.ndarray, bool]:
+        """Locations of the whole records in ``[data_end, size)``, read from the data itself; and whether no record
+        was skipped on the way (corrupt, or not arrived)."""
+        offset = seg.data_end
+        data = os.pread(fd, size - offset, offset)
         last_newline = data.rfind(b"\n")
         if last_newline < 0:
-            return  # a write in flight, or a tail torn by a crash: looked at again later
-        resume_at = None
+            return _EMPTY, True  # a write in flight, or a tail torn by a crash: looked at again later
+        found: list[tuple[int, int, int, int]] = []
+        resume_at, gapless = None, True
         position = offset
         for line in data[: last_newline + 1].splitlines(keepends=True):
             record = _decode(line)
-            if record is None:
+            if record is None or not isinstance(record, dict) or not isinstance(record.get("key"), str):
+                gapless = False
                 if b"\0" in line and not self._hole_given_up(name, position):
                     # Bytes not arrived yet (NFS shows a region written by another client as zeros until it has):
                     # do not step past it, read it again next time.
                     resume_at = position if resume_at is None else resume_at
                 else:
                     logger.warning("ignoring a corrupt cache record in %s at byte %d", name, position)
-            elif record["key"] not in self._index:
-                self._index[record["key"]] = record
-                self._source[record["key"]] = (name, position)
-            elif self._source.get(record["key"]) != (name, position):
-                self.duplicates_seen += 1
+            elif position not in seg.after_hole:
+                found.append((_digest(record["key"]), position, len(line), _line_crc(line)))
+                if resume_at is not None:  # read again from the hole next time: not indexed twice
+                    seg.after_hole.add(position)
             position += len(line)
-        self._offsets[name] = resume_at if resume_at is not None else position
+        seg.data_end = resume_at if resume_at is not None else position
+        if resume_at is None:
+            seg.after_hole.clear()
+        out = np.empty(len(found), dtype=_LOC)
+        if found:
+            cols = list(zip(*found))
+            out["digest"], out["offset"], out["length"], out["crc"] = cols[0], cols[1], cols[2], cols[3]
+        out["seg"] = seg.ordinal
+        return out, gapless
 
     def _hole_given_up(self, name: str, position: int) -> bool:
         first = self._holes.setdefault((name, position), time.monotonic())
@@ -291,40 +540,175 @@ class RecycleCache:
             return True
         return False
 
+    def _publish_index(self, name: str, locs: np.ndarray) -> None:
+        """Build the index of a segment that has none (written before indexes existed), once: privately, then
+        linked to its name (the link fails if another reader, or the writer, got there first)."""
+        header = _header({"writer": name[: -len(".jsonl")], "built_by": self.writer_id})
+        body = _entries(locs["digest"], locs["offset"], locs["length"], locs["crc"])
+        tmp = self.index_dir / f".{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header + body)
+                f.flush()
+                os.fsync(f.fileno())
+            _failpoint("before_index_link")
+            os.link(tmp, self._index_path(name))
+            self._segments[name].has_index = True
+            self._segments[name].index_pos = len(header) + len(body)
+        except FileExistsError:
+            pass
+        except OSError as err:  # read-only or full disk: the next reader scans again
+            logger.info("could not write an index for cache segment %s: %s", name, err)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # ---- looking records up ----------------------------------------------------------------------------------
+    def _reader(self, ordinal: int) -> int:
+        fd = self._readers.pop(ordinal, None)
+        if fd is None:
+            fd = os.open(self.segments_dir / self._names[ordinal], os.O_RDONLY)
+            while len(self._readers) >= 64:
+                os.close(self._readers.popitem(last=False)[1])
+        self._readers[ordinal] = fd
+        return fd
+
+    def _close_reader(self, ordinal: int) -> None:
+        fd = self._readers.pop(ordinal, None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _read_line(self, loc) -> bytes | None:
+        """The record line at ``loc``, if its bytes are there and pass their checksum; one ``pread``. On a mismatch
+        the descriptor is reopened and the read tried again (a long-held descriptor on NFS misses close-to-open
+        revalidation). Raises FileNotFoundError if the segment is gone (merged away)."""
+        ordinal, offset, length, crc = int(loc["seg"]), int(loc["offset"]), int(loc["length"]), int(loc["crc"])
+        for attempt in range(2):
+            if attempt:
+                self._close_reader(ordinal)
+            line = os.pread(self._reader(ordinal), length, offset)
+            if (len(line) == length and line.endswith(b"\n") and line[8:9] == b" " and line[:8].isalnum()
+                    and int(line[:8], 16) == crc and zlib.crc32(line[9:-1]) == crc):
+                return line
+        return None
+
+    def _copies(self, key: str) -> list[bytes]:
+        """Every readable stored line of ``key``. Locations whose data does not match make their segment be read
+        again from its data (the index is a hint); a merged-away segment makes the directory be read again."""
+        for attempt in range(2):
+            lines, broken, missing = [], set(), False
+            for loc in self._locs.find(_digest(key)):
+                try:
+                    line = self._read_line(loc)
+                except FileNotFoundError:
+                    missing = True
+                    continue
+                if line is None:
+                    broken.add(int(loc["seg"]))
+                    continue
+                record = _decode(line)
+                if isinstance(record, dict) and record.get("key") == key:
+                    lines.append(line)
+                elif not (isinstance(record, dict) and isinstance(record.get("key"), str)
+                          and _digest(record["key"]) == int(loc["digest"])):
+                    broken.add(int(loc["seg"]))  # a whole record, but not the one the index says: it lies
+                # else: another key with the same 64-bit digest (a collision), rightly skipped
+            if attempt or not (broken or missing):
+                return lines
+            for ordinal in broken:
+                self._reindex_from_data(ordinal)
+            if missing:
+                self.refresh()
+        return lines
+
+    def _reindex_from_data(self, ordinal: int) -> None:
+        name = self._names[ordinal]
+        logger.warning("cache index of %s points at data that does not match; reading the segment from its data",
+                       name)
+        self.index_mismatches += 1
+        self._close_reader(ordinal)
+        self._locs.drop_segments({ordinal})
+        seg = self._segments.get(name)
+        if seg is None:
+            return
+        seg.data_end, seg.index_usable, seg.after_hole = 0, False, set()
+        try:
+            fd = os.open(self.segments_dir / name, os.O_RDONLY)
+        except FileNotFoundError:
+            self._forget([name])
+            return
+        try:
+            locs, _ = self._scan(seg, name, fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        self._locs.add(locs)
+
+    def _resolve(self, key: str) -> dict | None:
+        """The record of ``key``, or None. Of several different copies, the one with the smaller checksum, then the
+        smaller bytes: the same choice in every process, whatever order it read the segments in."""
+        with self._index_lock:
+            if not self._locs.contains(_digest(key)):
+                return None
+            lines = self._copies(key)
+        if not lines:
+            return None
+        return _decode(min(lines, key=lambda line: (int(line[:8], 16), line)))
+
     def get(self, key: str) -> dict | None:
-        return self._index.get(key)
+        self._ensure_open()
+        return self._resolve(key)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._index
+        self._ensure_open()
+        return self._locs.contains(_digest(key))
 
     def __len__(self) -> int:
-        return len(self._index)
+        self._ensure_open()
+        return self._locs.distinct
 
     def records(self) -> list[dict]:
-        return list(self._index.values())
+        """Every stored record (one per key), read from disk: for inspection and small caches."""
+        self._ensure_open()
+        with self._index_lock:
+            locs = self._locs.all().copy()
+        out: dict[str, dict] = {}
+        for loc in locs[np.argsort(locs["seg"] * np.uint64(1 << 40) + locs["offset"], kind="stable")]:
+            try:
+                line = self._read_line(loc)
+            except FileNotFoundError:
+                continue
+            record = _decode(line) if line is not None else None
+            if isinstance(record, dict) and "key" in record and record["key"] not in out:
+                out[record["key"]] = self._resolve(record["key"])
+        return [r for r in out.values() if r is not None]
+
+    def keys(self) -> list[str]:
+        return [r["key"] for r in self.records()]
 
     # ---- writing -------------------------------------------------------------------------------------------
     def put_many(self, records: list[dict]) -> None:
-        """Append records (each with ``key``) durably: written and fsynced before returning. Keys already indexed
+        """Append records (each with ``key``) durably: written and fsynced before returning. Keys already stored
         are skipped. Raises :class:`CacheWriteError` if the write fails; then nothing of this batch is indexed, the
         segment is cut back to its last whole record and a new segment is used for later writes."""
         self._same_process_check()
+        self._ensure_open()
         with self._write_lock:
             self._put_many(records)
 
     def _put_many(self, records: list[dict]) -> None:
         fresh: dict[str, dict] = {}
         for r in records:
-            if r["key"] not in self._index:
-                fresh.setdefault(r["key"], r)
+            if r["key"] not in fresh and self._resolve(r["key"]) is None:
+                fresh[r["key"]] = r
         if not fresh:
             return
         lines = [_encode(r) for r in fresh.values()]  # encode first: an encoding error writes nothing
         data = b"".join(lines)
-        name = f"{self.writer_id}.jsonl"
         if self._fd is None:
-            self._fd = os.open(self.segments_dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            self._segment_size = os.fstat(self._fd).st_size
+            self._open_segment()
+        name = f"{self.writer_id}.jsonl"
         start = self._segment_size
         try:
             view = memoryview(data)
@@ -339,13 +723,67 @@ class RecycleCache:
                 "disk full or quota reached? Nothing partial was kept and every record stored before is intact: "
                 "free space and run again (these rows are generated again)",
             ) from err
+        _failpoint("after_data_fsync")
         self._segment_size = start + len(data)
-        position = start
-        for r, line in zip(fresh.values(), lines):
-            self._index[r["key"]] = r
-            self._source[r["key"]] = (name, position)
-            position += len(line)
-        self._offsets[name] = self._segment_size
+        n = len(lines)
+        locs = np.empty(n, dtype=_LOC)
+        locs["digest"] = np.fromiter((_digest(k) for k in fresh), dtype=np.uint64, count=n)
+        locs["length"] = np.fromiter((len(line) for line in lines), dtype=np.uint32, count=n)
+        locs["offset"] = start + np.concatenate([[0], np.cumsum(locs["length"][:-1], dtype=np.uint64)])
+        locs["crc"] = np.fromiter((_line_crc(line) for line in lines), dtype=np.uint32, count=n)
+        self._append_index(_entries(locs["digest"], locs["offset"], locs["length"], locs["crc"]))
+        with self._index_lock:
+            seg = self._segment(name)
+            locs["seg"] = seg.ordinal
+            if seg.data_end == start:  # else a refresh in another thread already read these from the data
+                seg.data_end = self._segment_size
+                self._locs.add(locs)
+
+    def _open_segment(self) -> None:
+        """Create this writer's index (its header names us) and segment, both with ``O_EXCL``: a name is never
+        shared, also not with a writer of the same pid on another host that happened to draw the same suffix."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+        while True:
+            index_path = self.index_dir / f"{self.writer_id}.idx"
+            try:
+                index_fd = os.open(index_path, flags, 0o644)
+            except FileExistsError:
+                self._new_writer_id()
+                continue
+            try:
+                fd = os.open(self.segments_dir / f"{self.writer_id}.jsonl", flags, 0o644)
+            except FileExistsError:
+                os.close(index_fd)
+                index_path.unlink(missing_ok=True)
+                self._new_writer_id()
+                continue
+            break
+        self._fd, self._index_fd, self._segment_size, self._index_ok = fd, index_fd, 0, True
+        self._write_index(_header(self._owner))
+        with self._index_lock:
+            seg = self._segment(f"{self.writer_id}.jsonl")
+            seg.owner, seg.has_index, seg.index_usable = dict(self._owner), True, False  # we never read our own
+
+    def _append_index(self, entries: bytes) -> None:
+        if os.environ.get(_FAILPOINT_ENV) == "mid_index_entry" and self._index_ok:
+            os.write(self._index_fd, entries[:13])
+            _failpoint("mid_index_entry")
+        self._write_index(entries)
+
+    def _write_index(self, data: bytes) -> None:
+        """Best effort: the index only saves readers a scan; a failed write leaves the data intact and readers read
+        the records it misses from the data."""
+        if not self._index_ok:
+            return
+        try:
+            _failpoint("index_write")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._index_fd, view) :]
+        except OSError as err:
+            self._index_ok = False
+            logger.warning("could not write the index of cache segment %s (%s); readers read its newer records from "
+                           "the data", self.writer_id, err.strerror or err)
 
     def _abandon_segment(self, good_size: int) -> None:
         """Cut the torn tail off (so nothing ever merges with it) and write later records to a new segment."""
@@ -354,13 +792,223 @@ class RecycleCache:
             os.fsync(self._fd)
         except OSError as err:  # the tail stays torn; nothing will be appended after it
             logger.warning("could not cut a failed write off cache segment %s: %s", self.writer_id, err)
+        self._close_writer()
+        self._new_writer_id()
+
+    def _close_writer(self) -> None:
+        for fd in (self._fd, self._index_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fd = self._index_fd = None
+
+    def close(self) -> None:
+        """Seal this writer's segment (nothing more is appended to it: compaction may merge it) and close files.
+        Called at exit for every cache of the process; a later write starts a new segment."""
+        self._seal()
+        with self._index_lock:
+            for ordinal in list(self._readers):
+                self._close_reader(ordinal)
+
+    def _seal(self, timeout: float = -1) -> None:
+        if self._fd is None or self._fd_pid != os.getpid():
+            return  # nothing written, or the parent's segment (a forked child must not seal it)
+        if not self._write_lock.acquire(timeout=timeout):
+            return  # a write in flight at interpreter exit: left unsealed, merged once this pid is gone
         try:
-            os.close(self._fd)
+            if self._fd is not None:
+                seal = np.array([self._segment_size], dtype=np.uint64)
+                self._write_index(_entries(np.zeros(1, np.uint64), seal, np.array([_SEAL_LENGTH], np.uint32),
+                                           np.zeros(1, np.uint32)))
+                self._close_writer()
+                self._new_writer_id()
+        finally:
+            self._write_lock.release()
+
+    # ---- compaction and cleanup --------------------------------------------------------------------------------
+    def _sealed(self, name: str, seg: _Segment) -> bool:
+        """Nothing will be appended to the segment: its writer sealed it, or died on this machine."""
+        if seg.sealed:
+            return True
+        if seg.owner is None or seg.owner.get("writer") == self.writer_id or not seg.index_usable:
+            return False
+        if seg.has_index and not seg.sealed:  # a seal written after we last read its index
+            try:
+                with open(self._index_path(name), "rb") as f:
+                    f.seek(max(seg.index_pos, _HEADER_BYTES))
+                    tail = np.frombuffer(f.read(), dtype=np.uint8)
+            except FileNotFoundError:
+                tail = np.empty(0, dtype=np.uint8)
+            e = tail[: len(tail) // 32 * 32].view(_ENTRY)
+            ok = e["check"] == _entry_check(e["digest"], e["offset"], e["length"], e["crc"])
+            if len(e) and ok.all() and e["length"][-1] == _SEAL_LENGTH:
+                return True
+        return _provably_dead(seg.owner, self._owner["pidns"])
+
+    def _compactable(self, max_bytes: int) -> list[str]:
+        out = []
+        for name, seg in list(self._segments.items()):
+            try:
+                size = (self.segments_dir / name).stat().st_size
+            except FileNotFoundError:
+                continue
+            if size <= max_bytes and self._sealed(name, seg):
+                self.refresh([name])  # everything it holds is indexed before it is merged
+                if seg.data_end == size:
+                    out.append(name)
+        return out
+
+    def _maintain(self) -> None:
+        if len(self._segments) >= self.compact_after_segments:
+            try:
+                if len(self._compactable(256 << 20)) >= self.compact_after_segments:
+                    self.compact()
+            except OSError as err:  # a read-only or full disk: the cache still works, with more files
+                logger.warning("could not compact the cache in %s: %s", self.directory, err)
+        try:
+            self._cleanup()
+        except OSError as err:
+            logger.info("could not clean up leftovers in %s: %s", self.directory, err)
+
+    def compact(self, max_bytes: int = 256 << 20) -> int:
+        """Merge the sealed segments of at most ``max_bytes`` each into one segment with its index, one copy per
+        key (the copy every reader would serve). One process compacts at a time (a claim); readers that still use
+        the merged segments find the new one on their next look. Returns how many segments were merged."""
+        self._same_process_check()
+        self.refresh()
+        if len(self._compactable(max_bytes)) < 2 or self._acquire(_COMPACTION_KEY, Fetched()) != "mine":
+            return 0
+        try:
+            with self._heartbeat():
+                self.refresh()
+                names = self._compactable(max_bytes)
+                return self._merge(names) if len(names) >= 2 else 0
+        finally:
+            self.release(_COMPACTION_KEY)
+
+    def _merge(self, names: list[str]) -> int:
+        with self._index_lock:
+            ordinals = np.array([self._segments[n].ordinal for n in names], dtype=np.uint32)
+            locs = self._locs.all()
+            locs = locs[np.isin(locs["seg"], ordinals)]
+        # One copy per key: the one every reader serves (see _resolve). Keys stored once need no reading.
+        d = np.sort(locs["digest"])
+        repeated = set(d[1:][d[1:] == d[:-1]].tolist())
+        keep, seen_keys = [], set()
+        for loc in locs[np.argsort(locs["seg"] * np.uint64(1 << 40) + locs["offset"], kind="stable")]:
+            try:
+                line = self._read_line(loc)
+            except FileNotFoundError:
+                return 0  # another process merged these meanwhile
+            if line is None:
+                continue  # unreadable: already a miss for every reader
+            if int(loc["digest"]) in repeated:
+                record = _decode(line)
+                key = record.get("key") if isinstance(record, dict) else None
+                if key is None or key in seen_keys:
+                    continue
+                seen_keys.add(key)
+                copies = self._copies(key)  # the copy readers serve, wherever it is (identical bytes if elsewhere)
+                line = min(copies, key=lambda ln: (int(ln[:8], 16), ln)) if copies else line
+            keep.append(line)
+        nonce = uuid.uuid4().hex[:12]
+        base = f"compact-{nonce}"
+        tmp_data = self.segments_dir / f".{base}.jsonl.tmp"
+        tmp_index = self.index_dir / f".{base}.idx.tmp"
+        try:
+            lengths = np.fromiter((len(ln) for ln in keep), dtype=np.uint32, count=len(keep))
+            offsets = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.uint64)]).astype(np.uint64)
+            with open(tmp_data, "wb") as f:
+                half = len(keep) // 2
+                f.write(b"".join(keep[:half]))
+                _failpoint("mid_merge")
+                f.write(b"".join(keep[half:]))
+                f.flush()
+                os.fsync(f.fileno())
+            owner = {**self._owner, "writer": base, "compacted_from": len(names)}
+            end = int(offsets[-1] + lengths[-1]) if len(keep) else 0
+            digests = np.fromiter((_digest(json.loads(ln[9:])["key"]) for ln in keep), dtype=np.uint64,
+                                  count=len(keep))
+            crcs = np.fromiter((_line_crc(ln) for ln in keep), dtype=np.uint32, count=len(keep))
+            seal = _entries(np.zeros(1, np.uint64), np.array([end], np.uint64), np.array([_SEAL_LENGTH], np.uint32),
+                            np.zeros(1, np.uint32))
+            with open(tmp_index, "wb") as f:
+                f.write(_header(owner) + _entries(digests, offsets, lengths, crcs) + seal)
+                f.flush()
+                os.fsync(f.fileno())
+            _failpoint("before_index_link")
+            os.link(tmp_index, self.index_dir / f"{base}.idx")
+            os.rename(tmp_data, self.segments_dir / f"{base}.jsonl")
+            self._fsync_dir(self.index_dir)
+            self._fsync_dir(self.segments_dir)
+        finally:
+            tmp_data.unlink(missing_ok=True)
+            tmp_index.unlink(missing_ok=True)
+        for name in names:  # the merged copy is durable: the sources can go (a crash here leaves identical copies)
+            (self.segments_dir / name).unlink(missing_ok=True)
+            self._index_path(name).unlink(missing_ok=True)
+        self._fsync_dir(self.segments_dir)
+        logger.info("merged %d cache segments (%d records) into %s", len(names), len(keep), base)
+        self.refresh()
+        return len(names)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
         except OSError:
             pass
-        self._fd = None
-        self.writer_id = f"{self.host}-{self._pid}-{uuid.uuid4().hex[:8]}"
-        self._owner["writer"] = self.writer_id
+        finally:
+            os.close(fd)
+
+    def _server_now(self) -> float:
+        """The file server's clock: the mtime of a file created now. Ages of files are measured against it, never
+        against this host's clock."""
+        probe = self.directory / f".clock-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                return os.fstat(fd).st_mtime
+            finally:
+                os.close(fd)
+        finally:
+            probe.unlink(missing_ok=True)
+
+    def _cleanup(self) -> None:
+        """Remove what dead processes left once it is ``cleanup_grace_seconds`` old by the file server's clock: temp
+        files (``.*``), indexes without a segment, claims nobody renewed. (A claim of a dead owner whose key is wanted
+        is taken over by the protocol long before: this is for keys nobody asks for again.)"""
+        leftovers = [p for d in (self.segments_dir, self.index_dir, self.claims_dir, self.directory)
+                     for p in d.iterdir() if p.name.startswith(".") and p.is_file()]
+        leftovers += [p for p in self.index_dir.iterdir() if p.suffix == ".idx" and not p.name.startswith(".")
+                      and not (self.segments_dir / (p.name[: -len(".idx")] + ".jsonl")).exists()]
+        claims = [p for p in self.claims_dir.iterdir() if not p.name.startswith(".")]
+        if not leftovers and not claims:
+            return
+        now = None
+        for path in leftovers:
+            try:
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            now = self._server_now() if now is None else now
+            if now - mtime > self.cleanup_grace_seconds:
+                path.unlink(missing_ok=True)
+        grace = max(self.cleanup_grace_seconds, 4 * self.claim_lease_seconds)  # a live owner renews every lease/4
+        for path in claims:  # an owner that died and whose key nobody asked for again: nobody would take it over
+            claim = self._read_claim(path.name)
+            if claim is None or path.name in self._held:
+                continue
+            now = self._server_now() if now is None else now
+            if now - claim[2] / 1e9 > grace and self._remove_claim_if(path.name, lambda c, old=claim[0]: c == old):
+                logger.info("removed a claim nobody renewed for %.0fs (file server's clock): %s", now - claim[2] / 1e9,
+                            path.name[:12])
 
     # ---- claims (leases) -------------------------------------------------------------------------------------
     def _claim_path(self, key: str) -> Path:
@@ -384,7 +1032,8 @@ class RecycleCache:
         """Take the lease on ``key``: True if this process now holds it (a free claim, or a stale one taken over).
         Low level: the lease is renewed only while :meth:`get_or_generate` runs; prefer that call."""
         self._same_process_check()
-        return self._acquire(key, {}, Fetched()) == "mine"
+        self._ensure_open()
+        return self._acquire(key, Fetched()) == "mine"
 
     def release(self, key: str) -> None:
         """Give up our claim on ``key``. Does nothing if we do not hold it (someone else's claim is left alone)."""
@@ -475,21 +1124,24 @@ class RecycleCache:
         grabbed.unlink(missing_ok=True)
         return False
 
-    def _judge(self, key: str, claim: tuple, seen: dict[str, _Seen], waiting_since: float) -> str | None:
-        """Why the claim is stale (a reason to take it over), or None if its owner may still be working."""
+    def _judge(self, key: str, claim: tuple, seen: dict[str, _Seen]) -> str | None:
+        """Why the claim is stale (a reason to take it over), or None if its owner may still be working. Time is
+        measured on this process's monotonic clock only, from what it saw change: skew between hosts, or between a
+        host and the file server, does not matter."""
         content, inode, mtime_ns = claim
         now = time.monotonic()
         identity = (content, inode, mtime_ns)
-        if key not in seen or seen[key].identity != identity:
-            seen[key] = _Seen(identity, now)
-        silent = now - seen[key].since  # on our clock: skew between hosts does not matter
-        age = time.time() - mtime_ns / 1e9
+        s = seen.get(key)
+        if s is None or s.owner != content:  # a new owner (or first sight): both clocks start now
+            s = seen[key] = _Seen(identity, now, content, now)
+        elif s.identity != identity:  # a heartbeat
+            s.identity, s.since = identity, now
+        silent = now - s.since
         try:
             owner = json.loads(content)
             pid = int(owner["pid"])
         except (ValueError, KeyError, TypeError):
-            grace = min(5.0, self.claim_lease_seconds)
-            if silent > grace or age > grace:  # killed between creating and writing it (old or link-less layout)
+            if silent > min(5.0, self.claim_lease_seconds):  # killed between creating and writing it (old layout)
                 return "empty or torn claim"
             return None
         local = owner.get("boot") == _BOOT_ID and owner.get("pidns") == self._owner["pidns"] and (
@@ -499,17 +1151,17 @@ class RecycleCache:
                 return "left over by this process"
             if not _process_alive(pid, owner.get("start")):
                 return f"owner pid {pid} is gone (exited, or the pid now names another process)"
-        if silent > self.claim_lease_seconds or age > 2 * self.claim_lease_seconds:
-            return f"no heartbeat from {owner.get('host')} pid {pid} for {max(silent, age):.0f}s"
-        if now - waiting_since > self.max_wait_seconds:
-            return f"waited {now - waiting_since:.0f}s (max_wait_seconds) for {owner.get('host')} pid {pid}"
+        if silent > self.claim_lease_seconds:
+            return f"no heartbeat from {owner.get('host')} pid {pid} for {silent:.0f}s"
+        if now - s.first_seen > self.max_wait_seconds:
+            return f"{owner.get('host')} pid {pid} has held it for {now - s.first_seen:.0f}s (max_wait_seconds)"
         return None
 
-    def _acquire(self, key: str, seen: dict[str, _Seen], fetched: Fetched, waiting_since: float | None = None,
-                 hints: set[str] | None = None) -> str:
+    def _acquire(self, key: str, fetched: Fetched, hints: set[str] | None = None) -> str:
         """``"mine"`` if we now hold the claim on ``key``, else ``"theirs"`` (a live owner holds it)."""
         for _ in range(3):
             if self._create_claim(key):
+                self._seen.pop(key, None)
                 return "mine"
             claim = self._read_claim(key)
             if claim is None:
@@ -519,12 +1171,12 @@ class RecycleCache:
                     hints.add(json.loads(claim[0]).get("writer", "") + ".jsonl")
             except (ValueError, AttributeError):
                 pass
-            reason = self._judge(key, claim, seen, time.monotonic() if waiting_since is None else waiting_since)
+            reason = self._judge(key, claim, self._seen)
             if reason is None:
                 return "theirs"
             if self._remove_claim_if(key, lambda c: c == claim[0]):
                 logger.warning("taking over the claim on %s: %s", key[:12], reason)
-                seen.pop(key, None)
+                self._seen.pop(key, None)
                 if self._create_claim(key):
                     fetched.taken_over += 1
                     return "mine"
@@ -582,23 +1234,32 @@ class RecycleCache:
         self._same_process_check()
         self.refresh()
         fetched = Fetched()
-        fetched.hits = sum(k in self._index for k in keys)
+        found: dict[str, dict] = {}
+
+        def stored(key: str) -> dict | None:  # read and checked once per call
+            if key not in found:
+                record = self._resolve(key)
+                if record is None:
+                    return None
+                found[key] = record
+            return found[key]
+
+        unique = list(dict.fromkeys(keys))
+        present = {k for k in unique if stored(k) is not None}
+        fetched.hits = sum(k in present for k in keys)
         fetched.misses = len(keys) - fetched.hits
-        pending = [k for k in dict.fromkeys(keys) if k not in self._index]
-        seen: dict[str, _Seen] = {}
+        pending = [k for k in unique if k not in present]
         hints: set[str] = set()  # segments of the writers whose claims we saw: read even if not listed yet
         waited: set[str] = set()
-        started = time.monotonic()
-        mine: list[str] = []
         with self._heartbeat():
             try:
                 while pending:
-                    mine = [k for k in pending if self._acquire(k, seen, fetched, started, hints) == "mine"]
+                    mine = [k for k in pending if self._acquire(k, fetched, hints) == "mine"]
                     self.refresh(hints)  # a record may have landed between our look and our claim
-                    for k in [k for k in mine if k in self._index]:
+                    for k in [k for k in mine if stored(k) is not None]:
                         waited.add(k)  # another writer's, stored during this call: counted with the waits
                         self.release(k)
-                    mine = [k for k in mine if k not in self._index]
+                    mine = [k for k in mine if k not in found]
                     if mine:
                         fetched.generated += len(mine)
                         records, failed = generate(mine)
@@ -613,20 +1274,22 @@ class RecycleCache:
                                 fetched.failed += 1
                         for k in mine:
                             self.release(k)
-                    pending = [k for k in pending if k not in self._index and k not in fetched.records]
+                    pending = [k for k in pending if k not in fetched.records and stored(k) is None]
                     if pending:
                         waited.update(pending)
-                        self._wait(pending, seen, hints, started)
+                        self._wait(pending, hints, stored)
             finally:  # an error (oracle, disk, interrupt): give our claims back at once, others need not wait
                 for k in [k for k in pending if k in self._held]:
                     self.release(k)
+                for k in unique:
+                    self._seen.pop(k, None)
         fetched.waited = len(waited)
         for k in keys:
             if k not in fetched.records:
-                fetched.records[k] = self._index[k]
+                fetched.records[k] = found[k]
         return fetched
 
-    def _wait(self, keys: list[str], seen: dict[str, _Seen], hints: set[str], started: float) -> None:
+    def _wait(self, keys: list[str], hints: set[str], stored: Callable[[str], dict | None]) -> None:
         """Return once one of ``keys`` is stored, or its claim is gone or stale (then the caller claims it)."""
         pause, last_log = 0.02, time.monotonic()
         while True:
@@ -634,16 +1297,11 @@ class RecycleCache:
             pause = min(pause * 1.5, self.poll_seconds)
             self.refresh(hints)
             for k in keys:
-                if k in self._index:
+                if stored(k) is not None:
                     return
                 claim = self._read_claim(k)
-                if claim is None or self._judge(k, claim, seen, started) is not None:
+                if claim is None or self._judge(k, claim, self._seen) is not None:
                     return
             if time.monotonic() - last_log > 60:
                 last_log = time.monotonic()
                 logger.info("waiting for %d keys another writer is generating", len(keys))
-
-    def close(self) -> None:
-        if self._fd is not None and self._fd_pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None

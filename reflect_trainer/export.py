@@ -77,7 +77,12 @@ def _load_data(path: str | Path, max_answer_words: int | None = None):
     if path.is_dir():
         return load_from_disk(str(path))
     if path.suffix in (".jsonl", ".json"):
-        return Dataset.from_json(str(path))
+        try:
+            return Dataset.from_json(str(path))
+        except StopIteration:  # what `datasets` raises for a file without a row
+            from .preflight import no_rows
+
+            raise no_rows(f"the data set {path}") from None
     if path.suffix == ".parquet":
         return Dataset.from_parquet(str(path))
     raise ValueError(f"{path}: expected a .json, .jsonl or .parquet file, or a datasets folder")

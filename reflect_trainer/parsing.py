@@ -18,7 +18,8 @@ from functools import lru_cache
 
 from .gates import GATE_REASONS, TRUNCATED, AcceptanceGates, is_truncated, judge_rewrite
 from .gates import words as _words  # one word splitter for the parser's checks and the gates
-from .oracles import FINISH_UNKNOWN
+from .oracles import FINISH_LENGTH, FINISH_UNKNOWN
+from .thinking import DEFAULT_THINKING_TAGS, THINKING_TRUNCATED, split_thinking
 
 # Fallback reasons, recorded per phase. Everything but these means "parsed and accepted".
 NO_SECTION = "no_section"
@@ -28,7 +29,7 @@ LOOP = "loop"
 ECHO_ORIGINAL = "echo_original"
 ECHO_PROMPT = "echo_prompt"
 TOO_SHORT = "too_short"
-UNPARSED_REASONS = (NO_SECTION, EMPTY, PLACEHOLDER)  # the output had no usable section at all
+UNPARSED_REASONS = (NO_SECTION, EMPTY, PLACEHOLDER, THINKING_TRUNCATED)  # the output had no usable section at all
 DEGENERATE_REASONS = (LOOP, ECHO_ORIGINAL, ECHO_PROMPT, TOO_SHORT)  # a section, but not an improvement
 GATED_REASONS = tuple(r for r in GATE_REASONS if r != LOOP)  # a section, but cut off, shorter or incomplete
 PARSED_BUT_REJECTED = DEGENERATE_REASONS + GATED_REASONS  # the output had its section; the gates said no
@@ -235,13 +236,20 @@ def parse_step_output(
     finish_reason: str = FINISH_UNKNOWN,
     gates: AcceptanceGates | None = None,
     rewrites_answer: bool = False,
+    thinking_tags: tuple[str, str] | list[str] | None = DEFAULT_THINKING_TAGS,
 ) -> ParseResult:
     """Parse one step's generated text into pair fields, then apply the acceptance gates. Never raises on any text.
 
     ``finish_reason`` is why the oracle stopped (``stop``, ``length``, ...); ``gates`` the thresholds (``None``:
     parsing and degeneracy checks only); ``rewrites_answer``: the ``output`` section replaces ``originals["output"]``
-    (response reflection), so it must not be much shorter.
+    (response reflection), so it must not be much shorter. ``thinking_tags``: a reasoning oracle's leading thinking
+    block is cut off first (see :mod:`reflect_trainer.thinking`), so neither the fields nor the gates see it; an
+    output that ends inside it with finish reason ``length`` falls back as ``thinking_truncated``.
     """
+    thought = split_thinking(generated, thinking_tags)
+    if not thought.closed and finish_reason == FINISH_LENGTH:
+        return ParseResult(reason=THINKING_TRUNCATED)  # the budget ran out before the answer started
+    generated = thought.answer
     try:
         raw = section_spans(generated, sections, open_section=prefill_section)
     except Exception:  # noqa: BLE001 — the parser must never take a run down; an odd text is a fallback

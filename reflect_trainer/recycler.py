@@ -57,6 +57,7 @@ from .templates import (
 )
 from .selection import SCORING_VERSION, VERSIONS, PairScores, select_version
 from .structured import section_format_for
+from .thinking import chat_template_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,15 @@ class Recycler:
         self.controls = {phase: resolve_controls(self.config.oracle_repetition_penalty,
                                                  self.config.oracle_no_repeat_ngram_size, self.config.oracle_engine,
                                                  compact, phase) for phase in self.templates}
+        #: Extra chat-template variables (e.g. a reasoning oracle's ``enable_thinking: false``), part of the settings.
+        self.chat_template_kwargs = chat_template_kwargs(self.config.oracle_chat_template_kwargs)
+        if self.config.max_thinking_tokens < 0:
+            raise ValueError(f"max_thinking_tokens must be >= 0 (0: no thinking expected), got "
+                             f"{self.config.max_thinking_tokens}")
+        tags = self.config.oracle_thinking_tags
+        if tags and (len(tags) != 2 or not all(isinstance(t, str) and t for t in tags)):
+            raise ValueError(f"oracle_thinking_tags must be an opening and a closing tag such as "
+                             f"['<think>', '</think>'] (or None: no stripping), got {tags!r}")
         # Every marker of the templates in use: data that looks like any of them is neutralised in prompts.
         self.marker_names = tuple(all_marker_names(list(self.templates.values())))
         self.phases = {
@@ -273,7 +283,11 @@ class Recycler:
             self._oracle = None
 
     def stats(self) -> dict[str, float]:
-        return self._stats.as_dict()
+        out = self._stats.as_dict()
+        # The cache's health, next to the takeovers: both should stay 0.
+        out["cache_duplicates_seen"] = self.cache.duplicates_seen  # keys with two different stored records
+        out["cache_leases_lost"] = self.cache.leases_lost  # claims of this process that another one took over
+        return out
 
     def record_skipped(self, errors) -> None:
         """Count rows dropped as bad input (by validation done elsewhere)."""
@@ -471,6 +485,7 @@ class Recycler:
                     finish_reason=finish,
                     gates=self.config.gates,
                     rewrites_answer=template.phase == RESPONSE_REFLECTION,
+                    thinking_tags=self.config.oracle_thinking_tags,
                 )
                 if parsed.ok:
                     fields[i].update(parsed.fields)
@@ -500,13 +515,14 @@ class Recycler:
     def _budget(self, step: ReflectionStep, pair_fields: dict[str, str]) -> int:
         """Tokens the oracle may write for this step and pair: a step's own fixed budget, or, for a step that writes
         an answer, enough to rewrite the answer at hand (its length x ``length_budget_ratio``), within the cap.
-        Rounded up to a multiple of 64 so a buffer needs only a few ``generate`` calls (one per budget)."""
+        Rounded up to a multiple of 64 so a buffer needs only a few ``generate`` calls (one per budget). A reasoning
+        oracle's ``max_thinking_tokens`` come on top, so its thinking does not eat the answer's budget."""
         c = self.config
         if step.max_new_tokens is not None or "output" not in step.sections or not c.length_budget_ratio:
-            return min(step.max_new_tokens or c.max_new_tokens, c.max_new_tokens)
+            return min(step.max_new_tokens or c.max_new_tokens, c.max_new_tokens) + c.max_thinking_tokens
         estimated_tokens = len(pair_fields["output"]) / 4  # no tokenizer needed: the budget is part of the key
         wanted = step.budget_base + c.length_budget_ratio * estimated_tokens
-        return min(c.max_new_tokens, -(-int(wanted) // 64) * 64)
+        return min(c.max_new_tokens, -(-int(wanted) // 64) * 64) + c.max_thinking_tokens
 
     def _generate_by_budget(self, template: ReflectionTemplate, step: ReflectionStep,
                             conversations: dict[int, list], budgets: dict[int, int]) -> dict[int, dict]:
@@ -552,6 +568,7 @@ class Recycler:
             section_format=section_format,
             repetition_penalty=self.controls[phase][0],
             no_repeat_ngram_size=self.controls[phase][1],
+            chat_template_kwargs=self.chat_template_kwargs,
         )
 
     def _generate_cached(self, template: ReflectionTemplate, step: ReflectionStep, conversations: list,

@@ -13,6 +13,11 @@ token-for-token SFTTrainer's (``tests/test_parity.py``).
 Streams (``IterableDataset``) get the recycling transform in front of TRL's lazy preparation (``.map``), so accelerate
 shards them, reshuffles them per pass and keeps ranks in step exactly as for SFTTrainer.
 
+Memory: what a rank remembers per row for the export and a resume (the features each row trained on, the exported
+row) is written to a per-rank anonymous file as it is produced (:mod:`.ledger`); in memory stay a few numpy arrays of
+a few bytes a row, so a rank's memory does not grow with the rows it trains. A row's exchange is recomputed from the
+source when the oracle needs it.
+
 Threads: with ``overlap`` on, the oracle phases of the *next* buffer run in one background thread while the current
 buffer trains; the recycler is never used by two threads at once.
 """
@@ -27,6 +32,7 @@ import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
@@ -36,6 +42,7 @@ from .config import ReflectionConfig
 from .exchange import alpaca_conversation, exchange, training_format, with_recycled
 from .export import DROPPED_BY_SELECTION
 from .formats import ALPACA, BadRowError
+from .ledger import RowLedger, TrainOrder
 from .oracles import Oracle, resolve_engine
 from .recycler import Recycler
 from .sampling import loader_sampler, rank_batches, record_order
@@ -131,6 +138,7 @@ class ReflectionSFTTrainer(SFTTrainer):
     def __init__(self, model, args: SFTConfig | TrainingArguments | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, *,
                  reflection_config: ReflectionConfig | None = None, oracle: Oracle | None = None, **kwargs):
+        (reflection_config or ReflectionConfig()).check_before_training(train_dataset, args, oracle, kwargs)
         from datasets import Dataset, IterableDataset
 
         if train_dataset is None:
@@ -203,21 +211,31 @@ class ReflectionSFTTrainer(SFTTrainer):
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recycle") if self._overlap else None
         self._prefetched: dict[tuple, Future] = {}
         self._counts = {"rows_passed_through": 0, "rows_fully_masked_fallback": 0, "rows_dropped_by_trl": 0}
-        self._prepared: dict = {}  # row -> features trained on (None: the original, as SFTTrainer prepared it)
-        self._exported: dict = {}  # row -> export row (the row as trained on, the original, the recycling columns)
-        self._trained: dict = {}  # row -> True, in the order first trained
+        # The ledger: what this rank remembers per row for the export and a resume, on disk (:mod:`.ledger`), so
+        # that its memory does not grow with the rows it trains. Map-style rows are keyed by position (numpy arrays
+        # of a fixed size); streamed rows by their content hash (a small dict entry each).
+        n_rows = None if self._streaming else len(self._source)
+        self._prepared = RowLedger(n_rows, self.args.output_dir)  # row -> features trained on (None: the original,
+        #                                                         as SFTTrainer prepared it)
+        self._exported = RowLedger(n_rows, self.args.output_dir)  # row -> export row (the row as trained on, the
+        #                                                         original, the recycling columns; None: a bad row)
+        self._trained = TrainOrder(n_rows)  # the rows trained, in the order first trained
         # Buffer settings for TRL's preparation of recycled rows: no shuffling or worker processes per buffer.
         self._buffer_args = copy.copy(self.args)
         self._buffer_args.shuffle_dataset, self._buffer_args.dataset_num_proc = False, None
         self._loader_batches = None  # (batch sampler, sampler) of the training data loader, for the look-ahead
-        self._batches: list[list] | None = None  # this rank's micro-batches (source rows) of the current epoch
+        # This rank's micro-batches (source rows) of the current epoch, flat: (rows, start of each batch and the end).
+        self._batches: tuple[np.ndarray, np.ndarray] | None = None
         self._batches_of = None  # the recorded order they were replayed from
-        self._share_left: set = set()  # rows of those not recycled yet
+        self._share_left = np.zeros(0 if n_rows is None else n_rows, dtype=bool)  # rows of those not recycled yet
+        self._share_count = 0  # how many
         self._cursor = 0
         if not self._streaming:
-            rows = self.train_dataset[ROW]  # the prepared dataset: position -> source row (after TRL's filtering)
+            # The prepared dataset: position -> source row (after TRL's filtering), and back (-1: TRL dropped it).
+            rows = np.asarray(self.train_dataset[ROW], dtype=np.int64)
             self._position_row = rows
-            self._row_position = {r: p for p, r in enumerate(rows)}
+            self._row_position = np.full(n_rows, -1, dtype=np.int64)
+            self._row_position[rows] = np.arange(len(rows), dtype=np.int64)
             # Rows SFTTrainer's preparation dropped (no trainable token within max_length): as in SFTTrainer, but
             # counted.
             self._counts["rows_dropped_by_trl"] = len(self._source) - len(rows)
@@ -226,12 +244,15 @@ class ReflectionSFTTrainer(SFTTrainer):
     # ---- set-up ----------------------------------------------------------------------------------------------
     def _indexed_source(self, dataset, config: ReflectionConfig):
         """Validate the reflectable exchanges (bad data surfaces before any model or oracle work), tag each row
-        with its identity, and turn Alpaca rows into what SFTTrainer can train on."""
-        self._exchanges = []
+        with its identity, and turn Alpaca rows into what SFTTrainer can train on.
+
+        Only whether a row has an exchange is kept (a bool a row): :meth:`_pair` computes it again when needed."""
+        self._max_field_chars = config.max_field_chars
+        reflectable = []
         keep = []
         for i, row in enumerate(dataset):
             try:
-                self._exchanges.append(exchange(row, self._fmt, i, config.max_field_chars))
+                reflectable.append(exchange(row, self._fmt, i, config.max_field_chars) is not None)
                 keep.append(i)
             except BadRowError as err:
                 if config.on_bad_row == "error":
@@ -241,7 +262,8 @@ class ReflectionSFTTrainer(SFTTrainer):
         if self._skipped:
             logger.warning("left out %d of %d rows as bad input", len(self._skipped), len(dataset))
             dataset = dataset.select(keep)
-        if not any(p is not None for p in self._exchanges):
+        self._reflectable = np.array(reflectable, dtype=bool)
+        if not self._reflectable.any():
             logger.warning("no row has an instruction/response exchange to reflect: training on the data as given")
         self._source = dataset.add_column(ROW, list(range(len(dataset))))
         return self._trl_rows(self._source)
@@ -298,20 +320,37 @@ class ReflectionSFTTrainer(SFTTrainer):
             self._batches = self._batches_of = None
         return loader
 
-    def _epoch_batches(self) -> list[list] | None:
-        """This rank's micro-batches of the current pass (source rows), replayed from the recorded order."""
+    def _epoch_batches(self) -> int | None:
+        """How many micro-batches this rank has in the current pass, replayed from the recorded order (``None``: no
+        look-ahead); :meth:`_batch_rows` gives their rows."""
         if self._loader_batches is None:
             return None
         batch_sampler, sampler = self._loader_batches
         order = getattr(sampler, "recorded_order", None)
         if order is not None and self._batches_of is not order:
             positions = rank_batches(batch_sampler, order)
-            self._batches = None if positions is None else [[self._position_row[p] for p in b] for b in positions]
+            self._batches = None
+            self._share_left[:] = False
+            if positions is not None:
+                starts = np.zeros(len(positions) + 1, dtype=np.int64)
+                np.cumsum([len(b) for b in positions], out=starts[1:])
+                flat = np.fromiter((p for b in positions for p in b), dtype=np.int64, count=int(starts[-1]))
+                self._batches = (self._position_row[flat], starts)
+                self._share_left[self._batches[0]] = True
+                self._share_left &= ~self._prepared.present()
+            self._share_count = int(self._share_left.sum())
             self._batches_of, self._cursor = order, 0
-            self._share_left = {r for b in self._batches or () for r in b if r not in self._prepared}
-            if self.recycler.expected_rows is None and self._share_left:
-                self.recycler.expected_rows = len(self._share_left)  # the progress bar's total, with an ETA
-        return self._batches if order is not None else None
+            if self.recycler.expected_rows is None and self._share_count:
+                self.recycler.expected_rows = self._share_count  # the progress bar's total, with an ETA
+        if order is None or self._batches is None:
+            return None
+        return len(self._batches[1]) - 1
+
+    def _batch_rows(self, first: int, end: int) -> list:
+        """The source rows of this rank's micro-batches ``first..end-1`` of the current pass (clipped to the pass)."""
+        rows, starts = self._batches
+        n = len(starts) - 1
+        return rows[starts[min(first, n)] : starts[min(end, n)]].tolist()
 
     def _features_for(self, rows: list, features: list[dict]) -> list[dict]:
         """The collator's hook: the recycled, TRL-prepared features of a micro-batch's rows.
@@ -323,14 +362,14 @@ class ReflectionSFTTrainer(SFTTrainer):
         batches, size = self._epoch_batches(), self.reflection_config.buffer_batches
         t = None
         if batches:
-            t = next((i for i in range(self._cursor, len(batches)) if batches[i] == rows), None)
+            t = next((i for i in range(self._cursor, batches) if self._batch_rows(i, i + 1) == rows), None)
         if t is None:  # no look-ahead (unknown sampler): recycle this micro-batch on its own
             buffer, following, boundary = rows, [], True
         else:
             self._cursor = t + 1
             start = t - t % size
-            buffer = [r for b in batches[start : start + size] for r in b]
-            following = [r for b in batches[start + size : start + 2 * size] for r in b]
+            buffer = self._batch_rows(start, start + size)
+            following = self._batch_rows(start + size, start + 2 * size)
             boundary = t == start
         if boundary or any(r not in self._prepared for r in rows):
             self._materialize([r for r in dict.fromkeys([*rows, *buffer]) if r not in self._prepared])
@@ -339,13 +378,13 @@ class ReflectionSFTTrainer(SFTTrainer):
         for row, feature in zip(rows, features):
             prepared = self._prepared[row]
             out.append(prepared if prepared is not None else {k: feature[k] for k in ("input_ids", "labels")})
-        if batches and not self._share_left:
+        if batches and not self._share_count:
             self._release_oracle("every row of this rank's share is recycled")
         return out
 
     def _materialize(self, rows: list) -> None:
         """Recycle (one oracle call per template step for all misses) and prepare ``rows`` with TRL's code."""
-        reflect = [r for r in rows if self._exchanges[r] is not None]
+        reflect = [r for r in rows if self._reflectable[r]]
         pending = self._prefetched.pop(tuple(reflect), None)
         for stale in self._prefetched.values():  # never two threads in the recycler (its results are cached)
             stale.result()
@@ -381,23 +420,29 @@ class ReflectionSFTTrainer(SFTTrainer):
             if versions[r] == RECYCLED:
                 self._prepared[r] = prepared[r]
             elif versions[r] == NOTHING:  # the selection rule dropped it: the step keeps its slot, with no loss
-                original = self.train_dataset[self._row_position[r]]
+                original = self.train_dataset[int(self._row_position[r])]
                 self._prepared[r] = {"input_ids": original["input_ids"], "labels": [-100] * len(original["labels"])}
             else:
                 self._prepared[r] = None
             self._exported[r] = self._export_row(sources[r], recycled.get(r), versions[r])
-            self._share_left.discard(r)
+            if self._share_left[r]:
+                self._share_left[r] = False
+                self._share_count -= 1
 
     def _reflect(self, rows: list):
         """The oracle phases for ``rows`` (safe in the background thread): their exchanges as Alpaca pairs."""
-        pairs = [self._exchanges[r] for r in rows]
+        pairs = [self._pair(r) for r in rows]
         batch = {"instruction": [p.instruction for p in pairs], "input": [p.input for p in pairs],
                  "output": [p.output for p in pairs]}
         return self.recycler.reflect(batch, list(rows))
 
+    def _pair(self, row: int):
+        """Row ``row``'s exchange, computed again from the source (validated at set-up, so it cannot raise)."""
+        return exchange(self._source[row], self._fmt, row, self._max_field_chars)
+
     def _prefetch(self, rows: list) -> None:
         """Start the oracle phases of this rank's next buffer in the background (``overlap``)."""
-        reflect = tuple(r for r in rows if self._exchanges[r] is not None)
+        reflect = tuple(r for r in rows if self._reflectable[r])
         if self._prefetcher is not None and reflect and reflect not in self._prefetched:
             self._prefetched[reflect] = self._prefetcher.submit(self._reflect, list(reflect))
 
@@ -448,7 +493,7 @@ class ReflectionSFTTrainer(SFTTrainer):
         # The loader collates one batch ahead of the step that takes it (and a run can stop in between): rows count
         # as trained here, not in the collator.
         for row in inputs.pop(ROW, ()):
-            self._trained.setdefault(row, True)
+            self._trained.add(row)
         return super().training_step(model, inputs, *args, **kwargs)
 
     # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list. Every
@@ -478,7 +523,7 @@ class ReflectionSFTTrainer(SFTTrainer):
         if checkpoint and os.path.isfile(path):
             with open(path) as f:
                 for row in json.load(f):
-                    self._trained.setdefault(row, True)
+                    self._trained.add(row)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- streamed data ---------------------------------------------------------------------------------------
@@ -581,7 +626,7 @@ class ReflectionSFTTrainer(SFTTrainer):
         if self._streaming:
             raise ValueError("a stream has no known remainder: recycle it with Recycler(...) over the stream")
         trained = set(self._gather_rows(list(self._trained)))
-        self._materialize([r for r in range(len(self._source)) if r not in self._prepared])
+        self._materialize(self._prepared.missing())
         data = self._export(list(range(len(self._source))), include_dropped, add_trained=trained)
         return data
 

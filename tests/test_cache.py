@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 from reflect_trainer.cache import RecycleCache, cache_key
 
@@ -52,13 +53,15 @@ def test_claim_of_a_dead_process_is_taken_over_at_once(tmp_path):
     assert not (tmp_path / "claims" / "k").exists()
 
 
-def test_claim_on_another_host_expires_when_its_heartbeat_is_old(tmp_path):
+def test_claim_on_another_host_expires_when_its_heartbeat_stops_on_the_waiters_own_clock(tmp_path):
     other = RecycleCache(tmp_path)
     other._owner.update(host="some-other-node", boot="another-boot-id")
     assert other.try_claim("k")
-    fresh = RecycleCache(tmp_path, claim_lease_seconds=600)
-    assert not fresh.try_claim("k")
-    os.utime(tmp_path / "claims" / "k", (0, 0))  # no heartbeat for ages: a node that went away
+    fresh = RecycleCache(tmp_path, claim_lease_seconds=0.5)
+    assert not fresh.try_claim("k")  # first sight: the lease starts now, on this process's clock
+    os.utime(tmp_path / "claims" / "k", (0, 0))  # an mtime from 1970 (a server clock far off) decides nothing...
+    assert not fresh.try_claim("k")  # ...it is only a heartbeat: seen to change, so the lease starts again
+    time.sleep(0.7)  # then no heartbeat for longer than the lease
     assert fresh.try_claim("k")
 
 

@@ -335,7 +335,7 @@ def test_disk_full_mid_batch_raises_a_clear_error_and_leaves_no_fragment(tmp_pat
     assert "ERROR: " in proc.stdout and "could not store 8 cache records" in proc.stdout
     assert "disk full" in proc.stdout
     reopened = RecycleCache(tmp_path)
-    assert sorted(reopened._index) == ["after", "before0", "before1", "before2"]
+    assert sorted(reopened.keys()) == ["after", "before0", "before1", "before2"]
     assert reopened.duplicates_seen == 0
     lines = [ln for seg in (tmp_path / "segments").glob("*.jsonl") for ln in seg.read_bytes().splitlines(True)]
     assert len(lines) == 4 and all(_decode(ln) is not None for ln in lines)  # no torn or merged fragment

@@ -80,10 +80,16 @@ def test_auto_overlaps_only_when_the_oracle_has_its_own_compute(tmp_path, oracle
         )
         return trainer._overlap
 
-    assert not wanted()  # CPU student, CPU oracle: the same two cores
-    assert wanted(oracle_engine="openai", oracle_served_model="m")  # a server does its own work
-    assert wanted(oracle_device="cuda:1")  # another device
-    assert not wanted(overlap="off", oracle_engine="openai", oracle_served_model="m")
+    from test_http_oracle import FaultyServer
+
+    server = FaultyServer()  # the trainer asks a server for its models before it starts
+    try:
+        assert not wanted()  # CPU student, CPU oracle: the same two cores
+        assert wanted(oracle_engine="openai", oracle_base_url=server.url)  # a server does its own work
+        assert wanted(oracle_device="cuda:1")  # another device
+        assert not wanted(overlap="off", oracle_engine="openai", oracle_base_url=server.url)
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("student, oracle, overlap", [

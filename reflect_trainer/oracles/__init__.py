@@ -8,10 +8,13 @@ that message instead of starting a new one, and returns only what it added.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
 from ..structured import SectionFormat
+
+logger = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
 
@@ -59,6 +62,9 @@ class GenerationSettings:
             Local engines count the oracle's output only, not the prompt, so copying the original stays free (see
             :mod:`reflect_trainer.oracles.decoding`).
         no_repeat_ngram_size: No run of this many tokens appears twice in the oracle's output (0: off).
+        chat_template_kwargs: Extra variables for the oracle's chat template, e.g. ``{"enable_thinking": False}``
+            (Qwen3): passed to ``apply_chat_template`` by the engines that render prompts, sent as
+            ``chat_template_kwargs`` by the ``openai`` engine. ``None``: the template's defaults.
     """
 
     max_new_tokens: int = 512
@@ -69,9 +75,13 @@ class GenerationSettings:
     section_format: SectionFormat | None = None
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    chat_template_kwargs: dict | None = None
 
     def to_dict(self) -> dict:
         out = {**asdict(self), "stop": list(self.stop)}
+        # Left out when unset, so cache keys written before this setting existed stay valid.
+        if not self.chat_template_kwargs:
+            del out["chat_template_kwargs"]
         # Left out when off, so cache keys written before these controls existed stay valid.
         for name, off in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
             if out[name] == off:
@@ -141,8 +151,23 @@ def resolve_engine(engine: str, model_path: str | None, device: str | None, base
 
     on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
     if on_cuda and importlib.util.find_spec("vllm") is not None:
+        _warn_vllm_untested()
         return "vllm", "a CUDA device, and vLLM is installed"
     return "transformers", "no GPU engine applies" if not on_cuda else "vLLM is not installed"
+
+
+_vllm_warned = False
+
+
+def _warn_vllm_untested() -> None:
+    """Once per process: auto picked vLLM, whose engine no GPU run has checked in this release yet."""
+    global _vllm_warned
+    if _vllm_warned or importlib.import_module("reflect_trainer.oracles.vllm_engine").GPU_CHECKED_RELEASE:
+        return
+    _vllm_warned = True
+    logger.warning("oracle_engine='auto' picked vllm, whose engine is untested on GPUs in this release (its API is "
+                   "checked against vLLM's source, benchmarks/gpu_vllm_check.py has not passed yet). To use another "
+                   "engine set oracle_engine='transformers' (in the config, the recipe YAML or on the command line).")
 
 
 def resolve_quantization(engine: str, quantization: str, device: str | None) -> tuple[str, str]:
@@ -155,6 +180,11 @@ def resolve_quantization(engine: str, quantization: str, device: str | None) -> 
     if quantization != "auto":
         return quantization, "set explicitly"
     if engine == "vllm":
+        from .vllm_engine import installed_quantization_methods
+
+        methods = installed_quantization_methods()
+        if methods is not None and "bitsandbytes" not in methods:  # removed in vLLM 0.28
+            return "none", "the installed vLLM has no bitsandbytes 4-bit (removed in 0.28): the checkpoint as it is"
         return "nf4", "vLLM runs on a GPU, where 4-bit leaves memory to the student"
     if engine != "transformers":
         return "none", f"the {engine} engine takes the model as it is"

@@ -5,6 +5,11 @@ llama-cpp-python's high-level ``Llama`` API generates one sequence at a time, so
 API itself: up to ``batch_size`` sequences share one context, each with its own sequence id and sampler chain, and
 every ``llama_decode`` call advances all of them by one token (continuous batching: a finished sequence frees its
 slot for the next prompt at once).
+
+Chat-template variables (``chat_template_kwargs``, e.g. Qwen3's ``enable_thinking``) are refused: llama-cpp-python's
+``Jinja2ChatFormatter`` (0.3.x) accepts extra keyword arguments and drops them without passing them to the template,
+so they would be silently ignored. Run the GGUF with llama.cpp's server (``llama-server --jinja``) and the ``openai``
+engine instead; a thinking oracle's output is still cut at its thinking when read, whatever the engine.
 """
 
 from __future__ import annotations
@@ -345,6 +350,11 @@ class LlamaCppOracle:
         return lib.llama_n_ctx_seq(self.ctx)
 
     def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
+        if settings.chat_template_kwargs:
+            raise ValueError(
+                f"the llama_cpp engine cannot pass oracle_chat_template_kwargs={settings.chat_template_kwargs} to the "
+                "chat template (llama-cpp-python's formatter drops them): serve the GGUF with `llama-server --jinja` "
+                "and use oracle_engine='openai', or leave oracle_chat_template_kwargs unset")
         if not conversations:
             return []
         prompts = [self.tokenize(self.prompt_text(c)) for c in conversations]

@@ -45,6 +45,7 @@ import httpx2 as httpx
 
 from . import FINISH_ERROR, Conversation, Generation, GenerationSettings, finished
 from .decoding import NO_REPEAT_UNSUPPORTED
+from ..thinking import join_thinking
 
 logger = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -279,13 +280,17 @@ class OpenAIHTTPOracle:
         if settings.no_repeat_ngram_size:
             raise ValueError(NO_REPEAT_UNSUPPORTED.format(engine="openai", n=settings.no_repeat_ngram_size))
         prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
+        template_kwargs = settings.chat_template_kwargs or {}
         if self.tokenizer is None:
             body["messages"] = conversation
             if prefill:
                 body.update(continue_final_message=True, add_generation_prompt=False)
+            if template_kwargs:  # vLLM's and SGLang's servers, llama.cpp's with --jinja, pass them to the template
+                body["chat_template_kwargs"] = template_kwargs
             return "chat/completions", body
         head = conversation[:-1] if prefill else conversation
-        body["prompt"] = self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True) + prefill
+        body["prompt"] = self.tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True,
+                                                            **template_kwargs) + prefill
         if self.context_length:
             # What vLLM checks: prompt plus max_tokens within max_model_len. Too long is this row's fault only.
             needed = len(self.tokenizer(body["prompt"], add_special_tokens=False)["input_ids"]) + body["max_tokens"]
@@ -299,13 +304,22 @@ class OpenAIHTTPOracle:
         if isinstance(data, str):
             return Generation("", FINISH_ERROR, f"oracle_error:{data}"), 0
         choice = data["choices"][0]
-        text = choice.get("text") if "text" in choice else (choice.get("message") or {}).get("content")
+        message = choice.get("message") or {}
+        text = choice.get("text") if "text" in choice else message.get("content")
+        # A server with a reasoning parser returns a reasoning oracle's thinking apart from the answer.
+        thinking = message.get("reasoning_content") or message.get("reasoning")
+        hit_budget = choice.get("finish_reason") == "length"
+        if isinstance(thinking, str) and thinking:
+            text = text if isinstance(text, str) else ""
         if not isinstance(text, str):  # content null or missing: nothing to cache, ask again in a later run
             return Generation("", FINISH_ERROR, "oracle_error:no_content"), 0
         tokens = (data.get("usage") or {}).get("completion_tokens")
         # The server's finish_reason: "stop" (eos or a stop string) or "length" (max_tokens ran out).
-        return finished(text, settings.stop, choice.get("finish_reason") == "length"), (
-            tokens if isinstance(tokens, int) else 0)
+        generation = finished(text, settings.stop, hit_budget)
+        if isinstance(thinking, str) and thinking:  # kept in the raw text (the cache), cut off again on read
+            generation = Generation(join_thinking(thinking, generation.text, closed=bool(text) or not hit_budget),
+                                    generation.finish_reason)
+        return generation, (tokens if isinstance(tokens, int) else 0)
 
     def _pick(self, tried: set[int]) -> int:
         """The server for the next try: one this request has not failed on, not being avoided, with the fewest

@@ -75,6 +75,17 @@ def identity_for(model_path: str, quantization: str = "auto", device: str | None
     return f"transformers:{weights_fingerprint(Path(model_path))}:{quantization}"
 
 
+def prompt_text(tokenizer, conversation: Conversation, template_kwargs: dict | None = None) -> str:
+    """The chat-template rendering every local engine uses (transformers, vLLM): a final assistant message is a
+    pre-fill, appended after the generation prompt and continued. ``template_kwargs``: the settings'
+    ``chat_template_kwargs``, e.g. ``enable_thinking=False`` for a reasoning oracle."""
+    extra = template_kwargs or {}
+    if conversation and conversation[-1]["role"] == "assistant":
+        head = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True, **extra)
+        return head + conversation[-1]["content"]
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
+
+
 class TransformersOracle:
     """Generates whole batches with ``model.generate`` (left padding, greedy by default).
 
@@ -141,15 +152,13 @@ class TransformersOracle:
         self.prefill_tokens = 0
         self.prefix_tokens_reused = 0
 
-    def _prompt_text(self, conversation: Conversation) -> str:
-        if conversation and conversation[-1]["role"] == "assistant":
-            head = self.tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
-            return head + conversation[-1]["content"]
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    def _prompt_text(self, conversation: Conversation, template_kwargs: dict | None = None) -> str:
+        return prompt_text(self.tokenizer, conversation, template_kwargs)
 
     @torch.inference_mode()
     def generate(self, conversations: list[Conversation], settings: GenerationSettings) -> list[Generation]:
-        rows = [self.tokenizer(self._prompt_text(c), add_special_tokens=False)["input_ids"] for c in conversations]
+        texts = [self._prompt_text(c, settings.chat_template_kwargs) for c in conversations]
+        rows = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         out: list[Generation] = [Generation("")] * len(rows)
         if not rows:
             return out

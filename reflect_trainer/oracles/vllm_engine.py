@@ -16,6 +16,11 @@ vLLM as a separate server is the ``openai`` engine (``vllm serve`` + :mod:`refle
 Structured output goes through vLLM's guided decoding: ``SamplingParams(structured_outputs=StructuredOutputsParams(
 regex=...))`` (vLLM >= 0.10.2) or ``SamplingParams(guided_decoding=GuidedDecodingParams(regex=...))`` (older),
 whichever the installed vLLM offers.
+
+Supported vLLM: the ``vllm`` extra's range, TRL 1.16's (0.22.0 to 0.31.0). ``tests/test_vllm_contract.py`` reads this
+module's vLLM calls with ``ast`` and checks each against the real vLLM source of both ends of that range (wheels read,
+not installed), so an API change is caught without a GPU. Within the range vLLM dropped bitsandbytes (0.28): there
+``nf4`` is refused with the fix. Whether it really runs on a GPU is ``benchmarks/gpu_vllm_check.py``'s job.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ logger = logging.getLogger(__name__)
 #: own AWQ/GPTQ/FP8 ``quantization_config``). ``int8`` has no vLLM counterpart: vLLM does not quantize to 8-bit
 #: in flight (TRL raises for it too), so it is rejected.
 QUANTIZATIONS = {"nf4": "bitsandbytes", "none": None}
+#: The release of this package whose ``benchmarks/gpu_vllm_check.py`` run passed on a GPU; ``None`` until one has.
+#: While ``None``, ``oracle_engine="auto"`` warns whenever it picks this engine (see ``oracles.resolve_engine``).
+GPU_CHECKED_RELEASE: str | None = None
 INSTALL_HINT = (
     "the vllm oracle engine needs vLLM and a CUDA GPU: pip install 'reflect-trainer[vllm]'. "
     "On a machine without a GPU use oracle_engine='transformers' (default), 'llama_cpp', or 'openai' "
@@ -57,6 +65,29 @@ def _check_quantization(quantization: str) -> None:
                          f"got {quantization!r}")
 
 
+def installed_quantization_methods() -> "list[str] | None":
+    """The quantization methods the installed vLLM offers, or None if it cannot tell (or vLLM is not installed)."""
+    try:
+        return list(importlib.import_module("vllm.model_executor.layers.quantization").QUANTIZATION_METHODS)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _check_vllm_quantization(quantization: str) -> None:
+    """Refuse a quantization the installed vLLM no longer has, before it fails deep inside ``vllm.LLM``: vLLM 0.28
+    removed bitsandbytes (``nf4``) from its quantization methods."""
+    method = QUANTIZATIONS[quantization]
+    methods = installed_quantization_methods()
+    if methods is None:  # a vLLM that does not list them: let vLLM itself decide
+        return
+    if method is not None and method not in methods:
+        version = getattr(importlib.import_module("vllm"), "__version__", "installed")
+        raise ValueError(f"oracle_quantization={quantization!r} needs vLLM's {method!r} quantization, which vLLM "
+                         f"{version} no longer has (removed in 0.28). Set oracle_quantization='none' (the checkpoint "
+                         "as it is, including its own AWQ/GPTQ/FP8 quantization_config), pass a pre-quantized "
+                         "checkpoint, or install vllm<0.28 (pip install 'vllm>=0.22,<0.28').")
+
+
 def identity_for(model_path: str | None, quantization: str = "nf4", **_: object) -> str:
     """The cache identity, computed without vLLM or a GPU. vLLM's kernels differ from transformers', so the same
     weights give a different identity than the transformers engine's."""
@@ -71,15 +102,6 @@ def _import_vllm():
         return importlib.import_module("vllm")
     except ImportError as err:
         raise ImportError(INSTALL_HINT) from err
-
-
-def _prompt_text(tokenizer, conversation: Conversation) -> str:
-    """The chat-template rendering of the transformers engine: a final assistant message is a pre-fill, appended
-    after the generation prompt and continued."""
-    if conversation and conversation[-1]["role"] == "assistant":
-        head = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
-        return head + conversation[-1]["content"]
-    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
 
 class VLLMOracle:
@@ -103,7 +125,8 @@ class VLLMOracle:
     def __init__(self, model_path: str, quantization: str = "nf4", gpu_memory_utilization: float = 0.3,
                  sleep_level: int = 1, context_length: int | None = 4096, device: str | None = None,
                  prefix_cache: bool = True, **_: object):
-        # Every check comes before anything heavy: settings, then vLLM, then the GPU, then the folder.
+        # Every check comes before anything heavy: settings, then vLLM, then the GPU, then what this vLLM offers,
+        # then the folder.
         _check_quantization(quantization)
         if not 0 < gpu_memory_utilization < 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1), got {gpu_memory_utilization}")
@@ -116,6 +139,7 @@ class VLLMOracle:
         if not torch.cuda.is_available():
             raise RuntimeError("no CUDA device: the vllm oracle engine is GPU-only here. Use oracle_engine="
                                "'transformers' (default, CPU or GPU), 'llama_cpp' (CPU), or 'openai' (a server).")
+        _check_vllm_quantization(quantization)
         path = Path(model_path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"oracle model folder {path} has no config.json; pass a local model folder")
@@ -195,8 +219,10 @@ class VLLMOracle:
             return []
         # Token ids, not text: vLLM would tokenize a text prompt with special tokens added (a second BOS for
         # templates that already start with one); these are exactly the transformers engine's input ids.
-        prompts = [{"prompt_token_ids": self.tokenizer(_prompt_text(self.tokenizer, c), add_special_tokens=False)
-                    ["input_ids"]} for c in conversations]
+        from .transformers_engine import prompt_text  # the same rendering (and chat_template_kwargs) as transformers
+
+        prompts = [{"prompt_token_ids": self.tokenizer(prompt_text(self.tokenizer, c, settings.chat_template_kwargs),
+                                                       add_special_tokens=False)["input_ids"]} for c in conversations]
         params = self._params(settings)
         with self._lock:
             self._wake()
