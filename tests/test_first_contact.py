@@ -77,7 +77,8 @@ def test_recycle_help_lists_every_config_field_with_the_configs_default(capsys, 
         if field.name == "cache_dir":  # deliberately different, and the help says so and why
             assert f"'{field.default}'" in entry and "OUT without suffix + .cache" in entry and "resumes" in entry
         else:
-            assert f"(default: {field.default})" in entry, entry
+            default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+            assert f"(default: {default})" in entry, entry
 
 
 def test_recycle_keeps_the_flag_names_of_existing_command_lines():
@@ -255,9 +256,9 @@ def test_package_metadata_says_the_python_and_keeps_heavy_packages_in_extras():
     assert {"deepspeed", "quantization", "vllm", "llama-cpp", "eval", "test", "all"} <= set(extras)
 
 
-def fake_environment(tmp_path: Path, leave_out: tuple[str, ...]) -> Path:
-    """A copy of this environment's package metadata (no code) in a fresh venv, without ``leave_out``: what pip sees
-    in a user's TRL environment."""
+def fake_environment(tmp_path: Path, leave_out: tuple[str, ...], versions: dict[str, str] | None = None) -> Path:
+    """A copy of this environment's package metadata (no code) in a fresh venv, without ``leave_out`` and with the
+    ``versions`` given (name -> version): what pip sees in a user's TRL environment."""
     env = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
     site = next((env / "lib").glob("python3*/site-packages"))
@@ -266,9 +267,15 @@ def fake_environment(tmp_path: Path, leave_out: tuple[str, ...]) -> Path:
         name = dist.name.split("-")[0].lower().replace("_", "-")
         if name in leave_out or name.startswith("nvidia-"):
             continue
-        (site / dist.name).mkdir()
-        (site / dist.name / "METADATA").write_bytes((dist / "METADATA").read_bytes())
-        (site / dist.name / "RECORD").write_text("")
+        metadata = (dist / "METADATA").read_text()
+        dist_name = dist.name
+        if versions and name in versions:
+            old = re.search(r"^Version: (.+)$", metadata, re.M).group(1)
+            metadata = metadata.replace(f"Version: {old}", f"Version: {versions[name]}", 1)
+            dist_name = dist.name.replace(old, versions[name])
+        (site / dist_name).mkdir()
+        (site / dist_name / "METADATA").write_text(metadata)
+        (site / dist_name / "RECORD").write_text("")
     return env
 
 
@@ -279,12 +286,15 @@ def dry_run(env: Path, requirements: list[str], tmp_path: Path) -> subprocess.Co
         capture_output=True, text=True, timeout=120)
 
 
-def test_installing_into_a_trl_environment_changes_nothing_and_pulls_no_deepspeed_or_bitsandbytes(tmp_path):
+@pytest.mark.parametrize("transformers_version", ["5.23.0", "5.25.0"])  # the suite's, and make compat's
+def test_installing_into_a_trl_environment_changes_nothing_and_pulls_no_deepspeed_or_bitsandbytes(
+        tmp_path, transformers_version):
     from importlib.metadata import version
 
     assert (version("trl"), version("transformers")) == ("1.16.0", "5.23.0")
     # The environment: everything here (trl 1.16.0, transformers, torch ...) except deepspeed, bitsandbytes and us.
-    env = fake_environment(tmp_path, ("deepspeed", "bitsandbytes", "reflect-trainer"))
+    env = fake_environment(tmp_path, ("deepspeed", "bitsandbytes", "reflect-trainer"),
+                           {"transformers": transformers_version})
     # No index: anything the core requirements need that the environment lacks fails the resolution, named.
     result = dry_run(env, project()["dependencies"], tmp_path)
     assert result.returncode == 0, result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -183,11 +184,18 @@ class TransformersOracle:
             return ()
         if len(self._prefixes) >= PREFIX_CACHE_ENTRIES:
             self._prefixes.pop(next(iter(self._prefixes)))  # the oldest
-        cache = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True,
-                           logits_to_keep=1).past_key_values
+        out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
+        cache = getattr(out, self._cache_name)
         self.prefill_tokens += len(prefix)
         self._prefixes[prefix] = [(layer.keys, layer.values) for layer in cache.layers]
         return prefix
+
+    @property
+    def _cache_name(self) -> str:
+        """The KV cache's argument and output name: transformers 5.25 renamed ``past_key_values`` to ``cache`` (the
+        old name warns, and goes in 5.40); 5.23 knows only the old one. Both are in the declared range."""
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     def _packed_cache(self, rows: list[list[int]], prefix: tuple[int, ...]):
         """The batch's KV cache for every row but its last token, right-aligned (left padding), each row prefilled
@@ -203,8 +211,8 @@ class TransformersOracle:
             cache = DynamicCache(ddp_cache_data=known or None)
             rest = row[len(prefix):-1]
             if rest:
-                self.model(input_ids=torch.tensor([rest], device=self.device), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1)
+                self.model(input_ids=torch.tensor([rest], device=self.device), use_cache=True, logits_to_keep=1,
+                           **{self._cache_name: cache})
                 self.prefill_tokens += len(rest)
             self.prefix_tokens_reused += len(prefix)
             n = len(row) - 1
@@ -223,7 +231,7 @@ class TransformersOracle:
                         ) -> list[Generation]:
         enc = self.tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(self.device)  # left padding
         if self.batch_tokens > 0:
-            enc["past_key_values"] = self._packed_cache(rows, prefix)
+            enc[self._cache_name] = self._packed_cache(rows, prefix)
         else:
             self.prefill_tokens += enc["input_ids"].numel()
         # synced_gpus=False: generate() would otherwise turn it on whenever ZeRO-3 is active and keep every rank
