@@ -130,6 +130,8 @@ def main() -> None:
             figures["growth_first_buffer_to_whole_share_mb"] = round(
                 figures["rss_after_whole_share_mb"] - figures["rss_after_first_buffer_mb"], 1)
             figures["whole_share_s"] = round(time.perf_counter() - start - figures["run_s"], 1)
+        if hasattr(trainer._prepared, "file_bytes"):  # the ledger's file (absent before the ledger existed)
+            figures["ledger_file_mb"] = (trainer._prepared.file_bytes + trainer._exported.file_bytes) / MB
         for name, value in figures.items():
             if isinstance(value, float):
                 figures[name] = round(value, 1)

@@ -55,8 +55,8 @@ ROW = "_reflect_row"  # column that carries a row's identity through TRL's prepa
 # Counters summed over ranks for the Trainer's log.
 _LOGGED_COUNTERS = (
     "rows_recycled", "rows_skipped", "rows_passed_through", "rows_fully_masked_fallback", "rows_dropped_by_trl",
-    "cache_hits",
-    "cache_misses", "oracle_calls", "oracle_prompts", "oracle_tokens", "oracle_seconds",
+    "cache_hits", "cache_misses", "claims_taken_over", "cache_leases_lost",  # (duplicates: per rank, in the stats)
+    "oracle_calls", "oracle_prompts", "oracle_tokens", "oracle_seconds",
     "instruction_reflection/total", "instruction_reflection/parsed", "instruction_reflection/accepted",
     "response_reflection/total", "response_reflection/parsed", "response_reflection/accepted", "scores_computed",
     "selected/original", "selected/q", "selected/a", "selected/qa", "selected/dropped",
