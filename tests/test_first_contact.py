@@ -303,3 +303,17 @@ def test_installing_into_a_trl_environment_changes_nothing_and_pulls_no_deepspee
     assert installs == []  # trl and transformers unchanged, no deepspeed, bitsandbytes or nvidia-* package
     # The check can fail: the same environment does not satisfy the quantization extra.
     assert dry_run(env, [*project()["dependencies"], "bitsandbytes"], tmp_path).returncode != 0
+
+
+def test_the_embedded_demo_oracle_comes_with_a_loud_warning_unless_asked_for_by_name(caplog, tmp_path):
+    from reflect_trainer import Recycler
+
+    with caplog.at_level(logging.WARNING, logger="reflect_trainer.recycler"):
+        Recycler(ReflectionConfig(cache_dir=str(tmp_path / "a")))
+    warned = [r.getMessage() for r in caplog.records if "DEMO oracle" in r.getMessage()]
+    assert len(warned) == 1 and "135M" in warned[0] and "oracle_model_path" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="reflect_trainer.recycler"):
+        named = Recycler(ReflectionConfig(cache_dir=str(tmp_path / "b"), oracle_model_path="embedded:smollm2"))
+    assert not [r for r in caplog.records if "DEMO oracle" in r.getMessage()]
+    assert named._oracle_path == Recycler(ReflectionConfig(cache_dir=str(tmp_path / "c")))._oracle_path

@@ -70,10 +70,16 @@ def outside_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def identity_for(model_path: str, quantization: str = "auto", device: str | None = None, **_: object) -> str:
-    """The cache identity of an oracle, computed without loading it (so cache hits never load a model)."""
+def identity_for(model_path: str, quantization: str = "auto", device: str | None = None, revision: str | None = None,
+                 **_: object) -> str:
+    """The cache identity of an oracle, computed without loading it (so cache hits never load a model): a local
+    folder's weights hash, a hub id's ``repo@commit`` (see :mod:`reflect_trainer.hub`)."""
+    from ..hub import hub_model
+
     quantization, _ = resolve_quantization("transformers", quantization, device)
-    return f"transformers:{weights_fingerprint(Path(model_path))}:{quantization}"
+    model = hub_model(model_path, revision)
+    weights = model.identity if model is not None else weights_fingerprint(Path(model_path))
+    return f"transformers:{weights}:{quantization}"
 
 
 def prompt_text(tokenizer, conversation: Conversation, template_kwargs: dict | None = None) -> str:
@@ -91,7 +97,9 @@ class TransformersOracle:
     """Generates whole batches with ``model.generate`` (left padding, greedy by default).
 
     Args:
-        model_path: Local folder of a causal LM with a chat template. Nothing is fetched from a hub.
+        model_path: Local folder of a causal LM with a chat template, or a Hugging Face hub id (``org/name``; a path
+            that exists locally is always a folder), resolved to a pinned commit (see :mod:`reflect_trainer.hub`).
+        revision: With a hub id: branch, tag or commit (default: the default branch).
         quantization: ``"nf4"`` (bitsandbytes 4-bit; works on CPU and CUDA), ``"int8"``, ``"none"`` or ``"auto"``
             (default: NF4 on CUDA, none on CPU; see :func:`~reflect_trainer.oracles.resolve_quantization`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: CUDA when available.
@@ -105,13 +113,16 @@ class TransformersOracle:
     """
 
     def __init__(self, model_path: str, quantization: str = "auto", device: str | None = None, batch_size: int = 16,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS, prefix_cache: bool = True, **_: object):
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS, prefix_cache: bool = True, revision: str | None = None,
+                 **_: object):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        from ..hub import local_folder
 
         quantization, _ = resolve_quantization("transformers", quantization, device)
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-        path = Path(model_path)
+        path = local_folder(model_path, revision)  # a hub id: its pinned commit's snapshot folder
         if not (path / "config.json").exists():
             raise FileNotFoundError(
                 f"oracle model folder {path} has no config.json; pass a local model folder "
@@ -138,7 +149,7 @@ class TransformersOracle:
         with outside_zero3_init():
             self.model = AutoModelForCausalLM.from_pretrained(path, device_map={"": self.device}, **kwargs)
         self.model.eval()
-        self.identity = identity_for(model_path, quantization, self.device)
+        self.identity = identity_for(model_path, quantization, self.device, revision)  # (the commit is remembered)
         self.tokens_generated = 0
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer

@@ -88,13 +88,16 @@ def _check_vllm_quantization(quantization: str) -> None:
                          "checkpoint, or install vllm<0.28 (pip install 'vllm>=0.22,<0.28').")
 
 
-def identity_for(model_path: str | None, quantization: str = "nf4", **_: object) -> str:
+def identity_for(model_path: str | None, quantization: str = "nf4", revision: str | None = None, **_: object) -> str:
     """The cache identity, computed without vLLM or a GPU. vLLM's kernels differ from transformers', so the same
-    weights give a different identity than the transformers engine's."""
+    weights give a different identity than the transformers engine's. A hub id's is ``repo@commit`` (no hashing)."""
+    from ..hub import hub_model
+
     _check_quantization(quantization)
     if not model_path:
-        raise ValueError("the vllm engine needs oracle_model_path (a local model folder)")
-    return f"vllm:{weights_fingerprint(Path(model_path))}:{quantization}"
+        raise ValueError("the vllm engine needs oracle_model_path (a local model folder or a hub id)")
+    model = hub_model(model_path, revision)
+    return f"vllm:{model.identity if model is not None else weights_fingerprint(Path(model_path))}:{quantization}"
 
 
 def _import_vllm():
@@ -108,7 +111,9 @@ class VLLMOracle:
     """Generates with an in-process ``vllm.LLM`` sharing the training GPU.
 
     Args:
-        model_path: Local folder of a causal LM with a chat template. Nothing is fetched from a hub.
+        model_path: Local folder of a causal LM with a chat template, or a Hugging Face hub id (``org/name``; a path
+            that exists locally is always a folder), resolved to a pinned commit (see :mod:`reflect_trainer.hub`).
+        revision: With a hub id: branch, tag or commit (default: the default branch).
         quantization: ``"nf4"`` (vLLM's in-flight bitsandbytes 4-bit, default) or ``"none"``; ``"int8"`` is refused.
         gpu_memory_utilization: Share of the GPU's memory vLLM may take, in (0, 1).
         sleep_level: ``1`` (weights offloaded to CPU memory between calls), ``2`` (weights dropped and reloaded from
@@ -124,7 +129,7 @@ class VLLMOracle:
 
     def __init__(self, model_path: str, quantization: str = "nf4", gpu_memory_utilization: float = 0.3,
                  sleep_level: int = 1, context_length: int | None = 4096, device: str | None = None,
-                 prefix_cache: bool = True, **_: object):
+                 prefix_cache: bool = True, revision: str | None = None, **_: object):
         # Every check comes before anything heavy: settings, then vLLM, then the GPU, then what this vLLM offers,
         # then the folder.
         _check_quantization(quantization)
@@ -140,7 +145,9 @@ class VLLMOracle:
             raise RuntimeError("no CUDA device: the vllm oracle engine is GPU-only here. Use oracle_engine="
                                "'transformers' (default, CPU or GPU), 'llama_cpp' (CPU), or 'openai' (a server).")
         _check_vllm_quantization(quantization)
-        path = Path(model_path)
+        from ..hub import local_folder
+
+        path = local_folder(model_path, revision)  # a hub id: its pinned commit's snapshot folder
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"oracle model folder {path} has no config.json; pass a local model folder")
         from transformers import AutoTokenizer
@@ -178,7 +185,7 @@ class VLLMOracle:
         self.llm = vllm.LLM(**kwargs)
         self._asleep = False
         self._lock = threading.Lock()  # wake, generate, sleep is one unit, even with a background recycling thread
-        self.identity = identity_for(model_path, quantization)
+        self.identity = identity_for(model_path, quantization, revision)  # (a hub id's commit is remembered)
         self.tokens_generated = 0
 
     def _params(self, settings: GenerationSettings):
