@@ -13,6 +13,10 @@ What is reflected, per format:
   them would make the conversation incoherent; they are kept verbatim (and trained on as TRL decides, e.g. with
   ``assistant_only_loss``). A conversation that does not end user → assistant-with-text (it ends in a tool result, a
   tool call without text, or multimodal content) is passed through untouched and counted.
+* ShareGPT ``conversations`` (``from``/``value``): as ``messages``, with the speakers read through
+  :data:`.formats.SHAREGPT_ROLES` (``human`` is the user, ``gpt`` the assistant...). The recycled texts go back into
+  ``value``; ``from`` and every other key stay, so TRL converts the row to ChatML itself (``maybe_convert_to_chatml``)
+  exactly as for the original. A final exchange with another speaker (``tool``, ``observation``...) is passed through.
 * ``prompt``/``completion`` as conversations: the last user message of the prompt and the (single) assistant message
   of the completion; other shapes are passed through, counted.
 * ``prompt``/``completion`` as plain strings: the prompt is the instruction, the completion the response; TRL then
@@ -20,6 +24,8 @@ What is reflected, per format:
 * Alpaca (``instruction``, ``input``, ``output``): SFTTrainer has no such format. Without a ``formatting_func`` the
   trainer adds conversational ``prompt``/``completion`` columns (user: instruction, a blank line, input; assistant:
   output); with one, the function reads the recycled Alpaca columns.
+* Pre-tokenized rows (``input_ids``, with or without ``labels``, ``assistant_masks``, ``completion_mask``): TRL skips
+  its text preparation for them (whatever other columns they have), so there is no text to reflect; passed through.
 * ``text`` (``dataset_text_field``) and any other shape TRL accepts: no instruction/response split to reflect; the
   row is passed through untouched and counted (``rows_passed_through``).
 """
@@ -28,24 +34,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from .formats import ALPACA, MESSAGES, PROMPT_COMPLETION, BadRowError, Pair, _text, alpaca_pair, detect_format
+from .formats import (ALPACA, MESSAGES, PROMPT_COMPLETION, SHAREGPT_ROLES, BadRowError, Pair, _text, alpaca_pair,
+                      detect_format)
 
 TEXT = "text"  # no instruction/response split: rows pass through
+TOKENIZED = "tokenized"  # ``input_ids`` given: TRL trains them as they are, rows pass through
+CONVERSATIONS = "conversations"  # ShareGPT: ``conversations`` of ``{from, value}``
 
 
 def training_format(columns, dataset_text_field: str = "text", formatting_func=None) -> str:
-    """The format the trainer reflects: Alpaca, prompt–completion, messages, or ``text`` (passed through).
+    """The format the trainer reflects: Alpaca, prompt–completion, messages, ShareGPT conversations, or
+    ``tokenized``/``text`` (passed through).
 
     A data set that is none of these and has no ``dataset_text_field`` column and no ``formatting_func`` is
     something SFTTrainer cannot train on either: the :class:`BadRowError` says what is expected.
     """
     columns = set(columns)
+    if "input_ids" in columns:  # SFTTrainer's test too: with input_ids it ignores every text column
+        return TOKENIZED
     try:
         return detect_format(columns)
-    except BadRowError:
-        if dataset_text_field in columns or formatting_func is not None or "conversations" in columns:
+    except BadRowError as err:
+        if "conversations" in columns:
+            return CONVERSATIONS
+        if dataset_text_field in columns or formatting_func is not None:
             return TEXT
-        raise
+        if err.reason != "unknown_format":
+            raise  # a format with a column missing: the message names it
+        raise BadRowError(
+            f"data set has columns {sorted(columns)}; expected Alpaca (instruction, input, output), prompt/completion, "
+            f"messages, ShareGPT conversations, pre-tokenized input_ids, or text in a {dataset_text_field!r} column "
+            "(dataset_text_field) or through a formatting_func", "unknown_format") from None
 
 
 def alpaca_conversation(instruction: str, input_: str, output: str) -> dict[str, list[dict]]:
@@ -58,11 +77,17 @@ def _is_text_message(message: Any, role: str) -> bool:
     return isinstance(message, dict) and message.get("role") == role and isinstance(message.get("content"), str)
 
 
-def _final_exchange(messages: Any) -> tuple[int, int] | None:
+def _is_sharegpt_message(message: Any, role: str) -> bool:
+    return (isinstance(message, dict) and SHAREGPT_ROLES.get(message.get("from")) == role
+            and isinstance(message.get("value"), str))
+
+
+def _final_exchange(messages: Any, sharegpt: bool = False) -> tuple[int, int] | None:
     """Positions ``(user, assistant)`` of a conversation's final exchange, or ``None`` if it has none."""
     if not isinstance(messages, list) or len(messages) < 2:
         return None
-    if not (_is_text_message(messages[-2], "user") and _is_text_message(messages[-1], "assistant")):
+    is_message = _is_sharegpt_message if sharegpt else _is_text_message
+    if not (is_message(messages[-2], "user") and is_message(messages[-1], "assistant")):
         return None
     return len(messages) - 2, len(messages) - 1
 
@@ -86,20 +111,20 @@ def exchange(row: dict[str, Any], fmt: str, label: Any, max_chars: int) -> Pair 
             return None
         return Pair(instruction=_text(label, "prompt[-1].content", prompt[-1]["content"], max_chars), input="",
                     output=_text(label, "completion[0].content", completion[0]["content"], max_chars))
-    if fmt == MESSAGES:
-        messages = row.get("messages")
-        where = _final_exchange(messages)
+    if fmt in (MESSAGES, CONVERSATIONS):
+        column, text = ("messages", "content") if fmt == MESSAGES else ("conversations", "value")
+        messages = row.get(column)
+        where = _final_exchange(messages, sharegpt=fmt == CONVERSATIONS)
         if where is None:
             return None
         user, assistant = where
-        return Pair(instruction=_text(label, f"messages[{user}].content", messages[user]["content"], max_chars),
-                    input="",
-                    output=_text(label, f"messages[{assistant}].content", messages[assistant]["content"], max_chars))
+        return Pair(instruction=_text(label, f"{column}[{user}].{text}", messages[user][text], max_chars), input="",
+                    output=_text(label, f"{column}[{assistant}].{text}", messages[assistant][text], max_chars))
     return None
 
 
-def _with_content(message: dict, content: str) -> dict:
-    return {**message, "content": content}
+def _with_content(message: dict, content: str, key: str = "content") -> dict:
+    return {**message, key: content}
 
 
 def _keep_leading_space(original: str, new: str) -> str:
@@ -135,4 +160,10 @@ def with_recycled(row: dict[str, Any], fmt: str, instruction: str, input_: str, 
         messages[user] = _with_content(messages[user], request)
         messages[assistant] = _with_content(messages[assistant], output)
         out["messages"] = messages
+    elif fmt == CONVERSATIONS:
+        user, assistant = _final_exchange(row["conversations"], sharegpt=True)
+        messages = list(row["conversations"])
+        messages[user] = _with_content(messages[user], request, "value")
+        messages[assistant] = _with_content(messages[assistant], output, "value")
+        out["conversations"] = messages
     return out

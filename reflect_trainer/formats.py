@@ -3,6 +3,9 @@
 * Alpaca: ``instruction``, optional ``input``, ``output``.
 * Prompt–completion: ``prompt`` and ``completion``, plain strings or conversational (lists of messages).
 * Conversations: ``messages``; the last user→assistant exchange is recycled, everything before it is kept as is.
+
+ShareGPT ``conversations`` (``from``/``value``) and pre-tokenized rows (``input_ids``) are formats of the trainer
+(:mod:`.exchange`); :data:`SHAREGPT_ROLES` says which ShareGPT speaker is which chat role.
 """
 
 from __future__ import annotations
@@ -15,13 +18,20 @@ from typing import Any, Iterable
 logger = logging.getLogger(__name__)
 
 ALPACA, PROMPT_COMPLETION, MESSAGES = "alpaca", "prompt_completion", "messages"
+#: ShareGPT speakers (``from``) as chat roles. A speaker not listed (``tool``, ``function_call``, ``observation``...)
+#: has no role here: a conversation whose final exchange involves one is passed through, like a ``messages`` row
+#: ending in a tool turn. The row keeps its own speakers: TRL trains ShareGPT with ``from`` renamed ``role`` and the
+#: values unchanged (``maybe_convert_to_chatml``), so mapping them in the row would change the tokens.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "system": "system",
+                  "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+                  "model": "assistant"}
 
 
 class BadRowError(ValueError):
     """A row that cannot be recycled; the message names the row, the field and what to do.
 
     ``reason`` is a short tag (``missing``, ``not_string``, ``empty``, ``too_long``, ``encoding``, ``shape``) used to
-    count skips.
+    count skips; ``unknown_format`` when the data set as a whole has no format we know.
     """
 
     def __init__(self, message: str, reason: str = "shape"):
@@ -55,7 +65,8 @@ def detect_format(columns: Iterable[str]) -> str:
         return ALPACA
     raise BadRowError(
         f"data set has columns {sorted(columns)}; expected Alpaca (instruction, input, output), "
-        "prompt/completion, or messages"
+        "prompt/completion, or messages",
+        "unknown_format",
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ EMBEDDED_ORACLE_NAMES = ("embedded", "embedded:smollm2")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # the openai engine's default (oracles/openai_http.py)
 #: Seconds the models call may take at start-up: a server that is up answers it in milliseconds.
 SERVER_CHECK_TIMEOUT = 5.0
-# A Hugging Face hub id (`org/name` or `name`): not a local path, so not checked here (it is resolved where loaded).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class InputError(ValueError):
@@ -46,19 +43,21 @@ def check_names(engine: str, quantization: str) -> None:
     _choice("oracle_quantization", quantization, ORACLE_QUANTIZATIONS, " (auto: nf4 on CUDA, none on CPU)")
 
 
-def _is_local_path(path: str) -> bool:
-    """A path written as one (absolute, ``./``, ``~``, a ``.gguf`` file, or that exists), not a hub id."""
-    return (Path(path).exists() or path.startswith(("/", ".", "~")) or path.endswith(".gguf")
-            or not _HUB_ID.match(path))
-
-
-def check_oracle_path(path: str | None, engine: str, base_url: str | list | None = None) -> None:
-    """A local oracle path exists and holds what its engine loads. The HTTP engine only reads a tokenizer there (and
-    the served model name from it), and the ``self`` engine none: neither is checked."""
+def check_oracle_path(path: str | None, engine: str, base_url: str | list | None = None,
+                      revision: str | None = None) -> None:
+    """A local oracle path exists and holds what its engine loads; a hub id (``org/name`` that is no local path)
+    resolves to a commit, from the hub or, offline, the hub cache (see :mod:`reflect_trainer.hub`). The HTTP engine
+    only reads a tokenizer there (and the served model name from it), and the ``self`` engine none: neither is
+    checked."""
     if path is None or engine in ("openai", "self") or (engine == "auto" and base_url):
         return
     path = str(path)
-    if not _is_local_path(path):
+    from .hub import hub_model, is_hub_id
+
+    if is_hub_id(path):
+        if engine == "llama_cpp":
+            raise InputError(f"oracle_model_path {path!r} is a hub id; the llama_cpp engine takes a local .gguf file")
+        hub_model(path, revision)  # raises InputError naming the repo, the revision and what to do
         return
     local = Path(path)
     if not local.exists():
@@ -153,7 +152,8 @@ def check_oracle(config) -> None:
     """The oracle a config names can be built: its path, its engine's packages, an HTTP oracle's server."""
     if config.oracle_engine == "self":
         return
-    check_oracle_path(config.oracle_model_path, config.oracle_engine, config.oracle_base_url)
+    check_oracle_path(config.oracle_model_path, config.oracle_engine, config.oracle_base_url,
+                      getattr(config, "oracle_revision", None))
     check_packages(config)
     if config.oracle_engine == "openai" or (config.oracle_engine == "auto" and config.oracle_base_url):
         check_server(config)

@@ -121,9 +121,10 @@ class ReflectionSFTTrainer(SFTTrainer):
 
     Args:
         model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs: as for
-            ``trl.SFTTrainer``, in every format it accepts (``messages``, prompt–completion as strings or
-            conversations, ``text``, ``formatting_func``) plus Alpaca columns; see :mod:`.exchange` for what is
-            reflected in each. ``args`` may be an ``SFTConfig`` or a ``TrainingArguments``; it is not modified.
+            ``trl.SFTTrainer``, in every format it accepts (``messages``, ShareGPT ``conversations``,
+            prompt–completion as strings or conversations, ``text``, ``formatting_func``, pre-tokenized
+            ``input_ids``) plus Alpaca columns; see :mod:`.exchange` for what is reflected in each. ``args`` may
+            be an ``SFTConfig`` or a ``TrainingArguments``; it is not modified.
             Bad rows of a map-style data set raise before any work, naming the row and field, or are left out
             (``reflection_config.on_bad_row``). ``eval_dataset`` is prepared and evaluated as SFTTrainer does (not
             recycled). ``packing=True`` is refused.
@@ -473,7 +474,7 @@ class ReflectionSFTTrainer(SFTTrainer):
             trained = with_recycled(source, self._fmt, recycled["recycled_instruction"], recycled["recycled_input"],
                                     recycled["recycled_output"], self._alpaca_conversation)
         row = dict(trained)
-        for name in ("instruction", "input", "output", "prompt", "completion", "messages"):
+        for name in ("instruction", "input", "output", "prompt", "completion", "messages", "conversations"):
             if name in source:
                 row[f"original_{name}"] = source[name]
         row.update(recycled or dict.fromkeys(self.recycler.columns))
