@@ -91,7 +91,10 @@ def worker(spec: dict) -> None:
         got["__error__"] = str(err)
     if spec.get("fsize"):  # space is back for the report
         resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    Path(spec["out"]).write_text(json.dumps({"writer": cache.writer_id, "got": got, "taken_over": taken_over}))
+    # Written whole or not at all: a kill -9 can land while this is written (the harness kills at random instants).
+    tmp = Path(spec["out"] + ".tmp")
+    tmp.write_text(json.dumps({"writer": cache.writer_id, "got": got, "taken_over": taken_over}))
+    os.replace(tmp, spec["out"])
 
 
 # ---- one trial's bookkeeping -----------------------------------------------------------------------------------

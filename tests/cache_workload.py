@@ -70,7 +70,9 @@ def main(spec: dict) -> None:
         fetched = cache.get_or_generate(keys[start : start + batch], generate)
         got.update({k: r["raw"] for k, r in fetched.records.items()})
     if spec.get("out"):
-        Path(spec["out"]).write_text(json.dumps({"got": got, "writer": cache.writer_id}))
+        tmp = Path(spec["out"] + ".tmp")  # whole or not at all: a test may kill -9 this process at any instant
+        tmp.write_text(json.dumps({"got": got, "writer": cache.writer_id}))
+        os.replace(tmp, spec["out"])
 
 
 if __name__ == "__main__":
