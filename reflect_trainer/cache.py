@@ -253,6 +253,17 @@ class _Segment:
     after_hole: set = field(default_factory=set)  # offsets indexed past a region whose bytes had not arrived (NFS)
 
 
+def _winner(lines: list[bytes]) -> bytes:
+    """Of several stored copies of one key, the one every process serves and compaction keeps: the smaller crc32, then
+    the smaller bytes. A rule of the content, not of the order segments were read in."""
+    return min(lines, key=lambda line: (int(line[:8], 16), line))
+
+
+def _in_file_order(locs: np.ndarray) -> np.ndarray:
+    """Locations by segment, then offset: reads that go through each file front to back."""
+    return locs[np.lexsort((locs["offset"], locs["seg"]))]
+
+
 _EMPTY = np.empty(0, dtype=_LOC)
 _COMPACTION_KEY = "compaction.lock"
 
@@ -652,9 +663,7 @@ class RecycleCache:
             if not self._locs.contains(_digest(key)):
                 return None
             lines = self._copies(key)
-        if not lines:
-            return None
-        return _decode(min(lines, key=lambda line: (int(line[:8], 16), line)))
+        return _decode(_winner(lines)) if lines else None
 
     def get(self, key: str) -> dict | None:
         self._ensure_open()
@@ -673,16 +682,16 @@ class RecycleCache:
         self._ensure_open()
         with self._index_lock:
             locs = self._locs.all().copy()
-        out: dict[str, dict] = {}
-        for loc in locs[np.argsort(locs["seg"] * np.uint64(1 << 40) + locs["offset"], kind="stable")]:
+        copies: dict[str, list[bytes]] = {}
+        for loc in _in_file_order(locs):
             try:
                 line = self._read_line(loc)
             except FileNotFoundError:
                 continue
             record = _decode(line) if line is not None else None
-            if isinstance(record, dict) and "key" in record and record["key"] not in out:
-                out[record["key"]] = self._resolve(record["key"])
-        return [r for r in out.values() if r is not None]
+            if isinstance(record, dict) and isinstance(record.get("key"), str):
+                copies.setdefault(record["key"], []).append(line)
+        return [_decode(_winner(lines)) for lines in copies.values()]
 
     def keys(self) -> list[str]:
         return [r["key"] for r in self.records()]
@@ -854,10 +863,9 @@ class RecycleCache:
                 size = (self.segments_dir / name).stat().st_size
             except FileNotFoundError:
                 continue
-            if size <= max_bytes and self._sealed(name, seg):
-                self.refresh([name])  # everything it holds is indexed before it is merged
-                if seg.data_end == size:
-                    out.append(name)
+            # Only what is wholly indexed (the callers refresh first): the rest waits for the next compaction.
+            if size <= max_bytes and seg.data_end == size and self._sealed(name, seg):
+                out.append(name)
         return out
 
     def _maintain(self) -> None:
@@ -897,7 +905,7 @@ class RecycleCache:
         d = np.sort(locs["digest"])
         repeated = set(d[1:][d[1:] == d[:-1]].tolist())
         keep, seen_keys = [], set()
-        for loc in locs[np.argsort(locs["seg"] * np.uint64(1 << 40) + locs["offset"], kind="stable")]:
+        for loc in _in_file_order(locs):
             try:
                 line = self._read_line(loc)
             except FileNotFoundError:
@@ -911,7 +919,7 @@ class RecycleCache:
                     continue
                 seen_keys.add(key)
                 copies = self._copies(key)  # the copy readers serve, wherever it is (identical bytes if elsewhere)
-                line = min(copies, key=lambda ln: (int(ln[:8], 16), ln)) if copies else line
+                line = _winner(copies) if copies else line
             keep.append(line)
         nonce = uuid.uuid4().hex[:12]
         base = f"compact-{nonce}"

@@ -94,6 +94,16 @@ def test_a_zeroed_index_region_and_a_torn_entry_cost_a_scan_not_a_record(tmp_pat
     assert len(reader) == 50 and all(reader.get(r["key"]) == r for r in records(50))
 
 
+def test_an_index_entry_with_a_flipped_bit_fails_its_check_and_its_record_is_still_found(tmp_path):
+    RecycleCache(tmp_path).put_many(records(10))
+    _, index = segment_and_index(tmp_path)
+    data = bytearray(index.read_bytes())
+    data[_HEADER_BYTES + 4 * 32] ^= 0x10  # bit rot in entry 4's key digest: offsets still follow on, the check fails
+    index.write_bytes(bytes(data))
+    reader = RecycleCache(tmp_path)
+    assert all(reader.get(r["key"]) == r for r in records(10)) and len(reader) == 10
+
+
 def test_an_index_entry_past_the_end_of_its_segment_is_not_used(tmp_path):
     RecycleCache(tmp_path).put_many(records(5))
     segment, index = segment_and_index(tmp_path)
@@ -331,3 +341,18 @@ def test_a_call_that_runs_longer_than_max_wait_takes_over_no_fresh_claim(tmp_pat
     thread.join(10)
     assert fetched.taken_over == 0 and fetched.records["b"]["raw"] == "second owner's"
     assert fetched.records["a"]["raw"] == "waiter's"
+
+
+def test_recycling_stats_report_the_caches_duplicates_and_lost_leases(tmp_path):
+    from reflect_trainer import Recycler, ReflectionConfig
+
+    (tmp_path / "segments").mkdir()
+    for i in range(2):  # two writers stored different records of one key (a live owner that lost its lease)
+        (tmp_path / "segments" / f"h-{i}-0000000{i}.jsonl").write_bytes(_encode({"key": "dup", "raw": f"copy {i}"}))
+    recycler = Recycler(ReflectionConfig(cache_dir=str(tmp_path), oracle_model_path="embedded:smollm2"))
+    assert recycler.cache.try_claim("k")
+    (tmp_path / "claims" / "k").unlink()  # another writer took the key over (its owner looked dead or silent)...
+    assert RecycleCache(tmp_path).try_claim("k")
+    recycler.cache._renew_claims()  # ...which this writer's next heartbeat notices
+    stats = recycler.stats()
+    assert stats["cache_duplicates_seen"] == 1 and stats["cache_leases_lost"] == 1

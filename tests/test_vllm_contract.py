@@ -92,8 +92,8 @@ def fetch_wheel(version: str) -> Path:
             for wheel in Path(tmp).glob("vllm-*.whl"):
                 os.replace(wheel, WHEELS / wheel.name)
     message = (proc.stderr or proc.stdout).strip()
-    if any(mark in message for mark in OFFLINE):
-        pytest.skip(f"offline: no package index answered for vllm=={version}, whose wheel this test reads "
+    if any(mark in message for mark in OFFLINE):  # a failure, not a skip: a skipped contract proves nothing
+        pytest.fail(f"offline: no package index answered for vllm=={version}, whose wheel this test reads "
                     f"(pip: {message.splitlines()[-1]}); put the wheel in {WHEELS} to run it offline")
     pytest.fail(f"pip download vllm=={version} failed:\n{message}")
 
