@@ -1263,6 +1263,10 @@ class RecycleCache:
             try:
                 while pending:
                     mine = [k for k in pending if self._acquire(k, fetched, hints) == "mine"]
+                    # Claimed by another writer: its record is served from that writer's generation, whether it lands
+                    # while we wait below or while we generate our own keys (then no wait is left to count it).
+                    claimed = set(mine)
+                    waited.update(k for k in pending if k not in claimed)
                     self.refresh(hints)  # a record may have landed between our look and our claim
                     for k in [k for k in mine if stored(k) is not None]:
                         waited.add(k)  # another writer's, stored during this call: counted with the waits

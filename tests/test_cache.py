@@ -106,6 +106,27 @@ def test_record_stored_by_another_writer_between_our_look_and_our_claim_is_count
     assert not list((tmp_path / "claims").iterdir())
 
 
+
+def test_key_claimed_by_another_writer_that_lands_while_we_generate_ours_is_counted_as_theirs(tmp_path):
+    # The race behind a flaky 2-rank run (CI, 2026-12-04): rank B meets rank A's claim on a shared pair, generates its
+    # own pairs meanwhile, and A's record lands before B would start waiting. B generated the shared pair neither
+    # time; it used A's record, so it must count it as another writer's (it was counted as nothing: 0 hits, 0 waits).
+    writer_a, writer_b = RecycleCache(tmp_path), RecycleCache(tmp_path)
+    assert writer_a.try_claim("shared")
+    generated = []
+
+    def generate(keys):
+        generated.extend(keys)
+        writer_a.put_many([{"key": "shared", "raw": "from A"}])  # A finishes while B's oracle call runs
+        writer_a.release("shared")
+        return [{"key": k, "raw": "from B"} for k in keys], {}
+
+    fetched = writer_b.get_or_generate(["own", "shared"], generate)
+    assert generated == ["own"]
+    assert fetched.records["shared"]["raw"] == "from A" and fetched.records["own"]["raw"] == "from B"
+    assert (fetched.hits, fetched.misses, fetched.generated, fetched.waited) == (0, 2, 1, 1)
+    assert not list((tmp_path / "claims").iterdir())
+
 def test_lone_surrogate_in_oracle_text_is_stored_and_read_back_unchanged(tmp_path):
     text = "broken \ud83d emoji half and a normal é"
     RecycleCache(tmp_path).put_many([{"key": "s", "raw": text}, {"key": "t", "raw": "plain ü"}])

@@ -57,7 +57,7 @@ def test_two_ranks_with_deepspeed_zero2_recycle_overlapping_shares_exactly_once(
     # cross-rank path; also when the record landed between its look and its claim) or, when it asked after the
     # record was stored, read it from the cache. Which one depends on
     # the ranks' timing on a shared 2-core machine; the claim race itself is pinned down in test_cache_faults.py.
-    assert sum(s["waited_for_other_writer"] + s["cache_hits"] for s in stats) == 2, stats
+    assert sum(s["waited_for_other_writer"] + s["cache_hits"] for s in stats) == 2, json.dumps(stats)
     assert sum(s["claims_taken_over"] for s in stats) == 0
     assert sum(s["oracle_prompts"] for s in stats) == rows  # 12 rows trained, 10 oracle prompts
     keys = [r["key"] for r in cache_records(tmp_path / "cache")]
