@@ -100,6 +100,47 @@ def check_packages(config) -> None:
                              f"'reflect-trainer[quantization]'`, or set oracle_quantization=none")
 
 
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_hardware(config) -> None:
+    """The engine and device fit this machine: vLLM and a ``cuda`` device need a CUDA GPU that torch sees (else the
+    first oracle call fails inside ``train()``, after the student is set up); vLLM must be installed."""
+    from .oracles import resolve_engine
+
+    device = config.oracle_device
+    engine = config.oracle_engine
+    if engine == "auto":  # an unknown .gguf case is check_packages' to report
+        try:
+            engine, _ = resolve_engine("auto", config.oracle_model_path, device, config.oracle_base_url)
+        except ImportError:
+            return
+    if engine in ("openai", "self"):
+        return  # the server's or the student's hardware, not ours to check here
+    gpus = None
+    if engine == "vllm":
+        gpus = _cuda_devices()
+        if not gpus:
+            raise InputError("oracle_engine vllm needs a CUDA GPU, and torch sees none on this machine "
+                             "(torch.cuda.is_available() is False); use oracle_engine transformers (or llama_cpp for a "
+                             ".gguf file), or run where a GPU is visible")
+        if not _installed("vllm"):
+            raise InputError("oracle_engine vllm needs vLLM: `pip install 'reflect-trainer[vllm]'` (0.22-0.31, the "
+                             "range TRL 1.16 supports), or use oracle_engine transformers")
+    if device and str(device).startswith("cuda"):
+        gpus = _cuda_devices() if gpus is None else gpus
+        index = str(device).partition(":")[2]
+        if not gpus:
+            raise InputError(f"oracle_device {device!r} names a CUDA GPU, and torch sees none on this machine; set "
+                             f"oracle_device cpu, or leave it unset (auto)")
+        if index.isdigit() and int(index) >= gpus:
+            raise InputError(f"oracle_device {device!r}: torch sees {gpus} CUDA GPU(s) here (cuda:0..cuda:{gpus - 1}); "
+                             f"check CUDA_VISIBLE_DEVICES or the index")
+
+
 def check_server(config) -> None:
     """Every server of an HTTP oracle answers a models call within :data:`SERVER_CHECK_TIMEOUT` seconds."""
     import httpx2 as httpx
@@ -149,12 +190,14 @@ def check_data(dataset, where: str = "train_dataset", dataset_text_field: str = 
 
 
 def check_oracle(config) -> None:
-    """The oracle a config names can be built: its path, its engine's packages, an HTTP oracle's server."""
+    """The oracle a config names can be built: its path, its engine's packages and hardware, an HTTP oracle's
+    server."""
     if config.oracle_engine == "self":
         return
     check_oracle_path(config.oracle_model_path, config.oracle_engine, config.oracle_base_url,
                       getattr(config, "oracle_revision", None))
     check_packages(config)
+    check_hardware(config)
     if config.oracle_engine == "openai" or (config.oracle_engine == "auto" and config.oracle_base_url):
         check_server(config)
 
