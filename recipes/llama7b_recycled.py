@@ -7,7 +7,7 @@
 Any field of RecipeArguments, TRL's ScriptArguments, SFTConfig, ReflectionConfig, ModelConfig or DatasetMixtureConfig
 can be given in the YAML or on the command line (the command line wins). The data and the model are loaded as TRL's
 own `trl/scripts/sft.py` loads them, so a TRL sft.py YAML plus one `oracle_model_path:` line runs unchanged
-(`packing: true` excepted: lazy recycling cannot pack, and the trainer says why).
+(`packing: true` excepted: lazy recycling cannot pack, and the recipe says why in its first seconds).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from transformers import AutoConfig
 from trl import (DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser, get_dataset,
                  get_peft_config, get_quantization_config)
 
-from reflect_trainer import ReflectionConfig, load_data, save_recycled
+from reflect_trainer import InputError, ReflectionConfig, load_data, save_recycled
+from reflect_trainer.preflight import check_oracle, check_packing
 from reflect_trainer.trainer import ReflectionSFTTrainer
 
 logger = logging.getLogger("recipe")
@@ -153,6 +154,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     model_path = resolve_model_path(model_config.model_name_or_path or EMBEDDED)
     check_hardware(recipe, model_path, model_config.model_revision)
+    try:  # in the first seconds, before the data, the student or DeepSpeed is loaded (the trainer checks again)
+        check_packing(sft_config)
+        check_oracle(reflection_config)
+    except InputError as err:
+        sys.exit(f"error: {err}")
 
     splits = load_splits(recipe, script, mixture)
     train_split = script.dataset_train_split

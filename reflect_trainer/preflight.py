@@ -141,6 +141,20 @@ def check_hardware(config) -> None:
                              f"check CUDA_VISIBLE_DEVICES or the index")
 
 
+PACKING_REFUSED = (
+    "packing=True cannot work with lazy recycling: a packed sequence is cut from many rows before training starts, "
+    "but a row's recycled length is only known when its buffer is recycled. Train with packing=False "
+    "(padding_free=True also saves the padding), or recycle first (`reflect-trainer recycle`) and pack the export "
+    "with plain SFTTrainer."
+)
+
+
+def check_packing(args) -> None:
+    """SFTConfig's ``packing`` is the one SFTTrainer option we refuse (README: "What differs from SFTTrainer")."""
+    if getattr(args, "packing", False):
+        raise InputError(PACKING_REFUSED)
+
+
 def check_server(config) -> None:
     """Every server of an HTTP oracle answers a models call within :data:`SERVER_CHECK_TIMEOUT` seconds."""
     import httpx2 as httpx
