@@ -1,6 +1,6 @@
 """B13: the trainer's memory at 50k rows: does a rank's RSS grow with the rows it trains?
 
-One process trains the tiny student (:func:`reflect_trainer.embedded.tiny_student`, 1.6M parameters, so the model and
+One process trains the tiny student (:func:`test_support.students.tiny_student`, 1.6M parameters, so the model and
 its optimizer are a few MB and what grows is the trainer's bookkeeping) for ``--max-steps`` steps on ``--rows``
 synthetic short Alpaca pairs, with an instant scripted oracle (every rewrite is accepted: a complete, longer answer)
 in ``response`` mode. RSS (``VmRSS``, after ``gc.collect()``) is read after ``__init__``, after the first step (the
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # test_support
+
 MB = 2**20
 ANSWER = ("Trim the stems, stand them in a glass of fresh water like cut flowers and keep the glass on the counter, "
           "away from direct sun. Cover the leaves loosely with a plastic bag and change the water every two days.")
@@ -40,25 +42,6 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024 / MB
     raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
-
-
-class InstantOracle:
-    """A scripted oracle (the oracle protocol: ``identity``, ``generate``, ``close``): an accepted rewrite, at once."""
-
-    identity = "b13-instant"
-
-    def __init__(self):
-        self.calls = 0
-        self.tokens_generated = 0
-
-    def generate(self, conversations, settings):
-        from reflect_trainer.oracles import Generation
-
-        self.calls += 1
-        return [Generation(ANSWER, "stop") for _ in conversations]
-
-    def close(self) -> None:
-        pass
 
 
 def main() -> None:
@@ -84,10 +67,13 @@ def main() -> None:
 
     import reflect_trainer
     from reflect_trainer import ReflectionConfig
-    from reflect_trainer.embedded import tiny_student
+    from reflect_trainer.oracles import Generation
     from reflect_trainer.trainer import ReflectionSFTTrainer
+    from test_support.oracles import ScriptedOracle
+    from test_support.students import tiny_student
 
     datasets.disable_progress_bars()
+    instant_oracle = ScriptedOracle(lambda conversation: Generation(ANSWER, "stop"))  # every rewrite accepted, at once
     figures: dict = {"package": os.path.dirname(reflect_trainer.__file__), "rows": args.rows,
                      "max_steps": args.max_steps, "batch": args.batch, "max_length": args.max_length}
 
@@ -108,7 +94,7 @@ def main() -> None:
                                   progress_bar=False)
         start = time.perf_counter()
         figures["rss_before_init_mb"] = rss_mb()
-        trainer = ReflectionSFTTrainer(model=student, args=sft, train_dataset=data, oracle=InstantOracle(),
+        trainer = ReflectionSFTTrainer(model=student, args=sft, train_dataset=data, oracle=instant_oracle,
                                        reflection_config=config, callbacks=[FirstBuffer()])
         figures["rss_after_init_mb"] = rss_mb()
         figures["init_s"] = round(time.perf_counter() - start, 1)

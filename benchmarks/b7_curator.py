@@ -53,10 +53,10 @@ REPO = HERE.parent
 def ours(args) -> dict:
     sys.path.insert(0, str(REPO))
     from reflect_trainer import ReflectionConfig
-    from reflect_trainer.embedded import load_alpaca_eval
     from reflect_trainer.recycler import Recycler
+    from test_support.data import short_pairs
 
-    data = load_alpaca_eval(max_answer_words=30).select(range(args.pairs))
+    data = short_pairs(args.pairs)
     config = ReflectionConfig(cache_dir=str(Path(args.work) / "cache"), oracle_engine="openai",
                               oracle_base_url=args.url, oracle_served_model=args.model,
                               oracle_concurrency=args.concurrency, mode="response", template_set="paper",

@@ -32,6 +32,9 @@ from pathlib import Path
 from _common import describe, interleaved, machine, ratio_of_medians
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from test_support.cache_files import records_by_writer, segment_files  # noqa: E402
+from test_support.http_server import free_port  # noqa: E402
 
 
 def recycle(processes: int, src: Path, work: Path, args) -> dict:
@@ -50,12 +53,9 @@ def recycle(processes: int, src: Path, work: Path, args) -> dict:
     if run.returncode:
         raise RuntimeError(f"{processes}-process recycle failed:\n{run.stderr[-4000:]}")
     stats = json.loads((work / "out.jsonl.stats.json").read_text())
-    per_key: Counter = Counter()
-    writers = 0
-    for segment in (cache / "segments").glob("*.jsonl"):
-        lines = [line for line in segment.read_bytes().splitlines() if line]
-        writers += bool(lines)
-        per_key.update(json.loads(line.split(b" ", 1)[1])["key"] for line in lines)
+    by_writer = records_by_writer(cache)
+    per_key = Counter(r["key"] for records in by_writer.values() for r in records)
+    writers = sum(bool(records) for records in by_writer.values())
     return {"seconds": seconds, "recycle_seconds": stats["recycle_seconds"], "pairs": stats["rows_recycled"],
             "prompts_sent": stats["oracle_prompts"], "distinct_prompts": len(per_key),
             "stored_twice": sum(n - 1 for n in per_key.values()), "writers": writers, "export": out.read_bytes()}
@@ -64,13 +64,10 @@ def recycle(processes: int, src: Path, work: Path, args) -> dict:
 def killed_rank(src: Path, work: Path, args, timeout: float = 900.0) -> dict:
     """Two ranks by hand; SIGKILL rank 1 after its first stored batch; rank 0 must finish alone."""
     import signal
-    import socket
 
     work.mkdir(parents=True)
     out, cache = work / "out.jsonl", work / "cache"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cli = [sys.executable, "-m", "reflect_trainer.cli", "recycle", str(src), "--out", str(out), "--cache-dir",
            str(cache), "--mode", args.mode, "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
            str(args.batch_size)]
@@ -81,7 +78,7 @@ def killed_rank(src: Path, work: Path, args, timeout: float = 900.0) -> dict:
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     started = time.perf_counter()
     victim = f"-{ranks[1].pid}-"
-    while not any(victim in p.name and p.stat().st_size for p in (cache / "segments").glob("*.jsonl")):
+    while not any(victim in p.name and p.stat().st_size for p in segment_files(cache)):
         if ranks[1].poll() is not None or time.perf_counter() - started > timeout:
             raise RuntimeError("rank 1 stored nothing before it ended")
         time.sleep(0.2)
@@ -92,8 +89,7 @@ def killed_rank(src: Path, work: Path, args, timeout: float = 900.0) -> dict:
     except subprocess.TimeoutExpired:
         ranks[0].kill()
         return {"finished": False, "killed_at": killed_at}
-    per_key = Counter(json.loads(line.split(b" ", 1)[1])["key"] for segment in (cache / "segments").glob("*.jsonl")
-                      for line in segment.read_bytes().splitlines() if line)
+    per_key = Counter(r["key"] for records in records_by_writer(cache).values() for r in records)
     stats = json.loads((work / "out.jsonl.stats.json").read_text()) if ranks[0].returncode == 0 else {}
     return {"finished": ranks[0].returncode == 0, "killed_at": killed_at, "seconds": time.perf_counter() - started,
             "stored_twice": sum(n - 1 for n in per_key.values()), "taken_over": stats.get("shards_taken_over"),
@@ -111,13 +107,13 @@ def main() -> None:
     parser.add_argument("--no-kill", action="store_true", help="skip the killed-rank check")
     args = parser.parse_args()
 
-    from reflect_trainer.embedded import load_alpaca_eval
+    from test_support.data import short_pairs
 
     print(f"B8 on {machine()}; {args.pairs} AlpacaEval pairs (answers <= 30 words), mode {args.mode}, "
           f"max_new_tokens={args.max_new_tokens}, batch {args.batch_size}; OMP_NUM_THREADS=1 per process")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "pairs.jsonl"
-        load_alpaca_eval(limit=args.pairs, max_answer_words=30).to_json(str(src), lines=True)
+        short_pairs(args.pairs).to_json(str(src), lines=True)
         count = Counter()
 
         def side(processes):

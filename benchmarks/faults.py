@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -46,55 +44,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from reflect_trainer.cache import CacheWriteError, RecycleCache, _decode  # noqa: E402
+from reflect_trainer.cache import RecycleCache, _decode  # noqa: E402
+from test_support.cache_files import records_by_writer, segment_files  # noqa: E402
+# The workload every worker process runs (also the cache fault tests'): a scripted generate that logs each key.
+from test_support.cache_workload import command, counting_generate, expected_raw  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
-# ---- the workload (also run as a subprocess: ``faults.py --worker '<json>'``) ----------------------------------
-def answer(key: str) -> str:
-    return f"answer:{key}"
-
-
-def counting_generate(calls_dir, sleep: float, tag: str, cache: RecycleCache):
-    """Logs ``key writer`` per generated key to ``<tag>-<pid>.log`` (one O_APPEND write: survives kill -9)."""
-
-    def generate(keys):
-        log = Path(calls_dir) / f"{tag}-{os.getpid()}.log"
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, "".join(f"{k} {cache.writer_id}\n" for k in keys).encode())
-        finally:
-            os.close(fd)
-        time.sleep(sleep)
-        return [{"key": k, "raw": answer(k)} for k in keys], {}
-
-    return generate
-
-
-def worker(spec: dict) -> None:
-    if spec.get("fsize"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (spec["fsize"], resource.RLIM_INFINITY))
-    logging.getLogger("reflect_trainer").setLevel(logging.ERROR)  # takeovers are counted, not logged, here
-    cache = RecycleCache(spec["dir"], claim_lease_seconds=spec["lease"])
-    generate = counting_generate(spec["calls"], spec["sleep"], spec["tag"], cache)
-    got, keys, batch, taken_over = {}, spec["keys"], spec["batch"], 0
-    try:
-        for n, start in enumerate(range(0, len(keys), batch)):
-            if spec.get("failpoint") and n == spec.get("arm_after", 0):  # a kill -9 or a full disk at that point
-                os.environ["REFLECT_CACHE_FAILPOINT"] = spec["failpoint"]
-            fetched = cache.get_or_generate(keys[start : start + batch], generate)
-            got.update({k: r["raw"] for k, r in fetched.records.items()})
-            taken_over += fetched.taken_over
-    except CacheWriteError as err:
-        got["__error__"] = str(err)
-    if spec.get("fsize"):  # space is back for the report
-        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    # Written whole or not at all: a kill -9 can land while this is written (the harness kills at random instants).
-    tmp = Path(spec["out"] + ".tmp")
-    tmp.write_text(json.dumps({"writer": cache.writer_id, "got": got, "taken_over": taken_over}))
-    os.replace(tmp, spec["out"])
 
 
 # ---- one trial's bookkeeping -----------------------------------------------------------------------------------
@@ -118,7 +73,7 @@ class Trial:
         spec = {"dir": str(self.dir), "keys": keys, "calls": str(self.calls),
                 "out": str(self.outs / f"{self.tag}.json"),
                 "lease": self.lease, "sleep": self.sleep, "batch": self.batch, "tag": self.tag, **extra}
-        return [sys.executable, __file__, "--worker", json.dumps(spec)]
+        return command(spec)  # run with ENV: the repository root on PYTHONPATH
 
     def start(self, keys, **extra) -> tuple[str, subprocess.Popen]:
         cmd = self.cmd(keys, **extra)
@@ -141,13 +96,8 @@ class Trial:
                 p.wait()
 
     def lines(self) -> list[tuple[str, dict]]:
-        out = []
-        for seg in sorted((self.dir / "segments").glob("*.jsonl")):
-            for line in seg.read_bytes().splitlines(keepends=True):
-                record = _decode(line)
-                if record is not None:
-                    out.append((seg.name, record))
-        return out
+        """``(writer id, record)`` for every record line on disk."""
+        return [(writer, r) for writer, records in records_by_writer(self.dir).items() for r in records]
 
     def result(self) -> dict:
         """Counts for the table, from what the processes left on disk."""
@@ -155,12 +105,12 @@ class Trial:
         per_key = Counter(r["key"] for _, r in lines)
         final = RecycleCache(self.dir)  # the cache opens
         lost = sum(k not in final for k in self.keys)
-        wrong = sum(r["raw"] != answer(r["key"]) for _, r in lines)
+        wrong = sum(r["raw"] != expected_raw(r["key"]) for _, r in lines)
         for out in self.outs.glob("*.json"):
             got = json.loads(out.read_text())["got"]
-            wrong += sum(v != answer(k) for k, v in got.items() if k != "__error__")
+            wrong += sum(v != expected_raw(k) for k, v in got.items() if k != "__error__")
         # A generation counts unless it was lost with a killed process (it never reached that writer's segment).
-        stored_in = {(seg[: -len(".jsonl")], r["key"]) for seg, r in lines}
+        stored_in = {(writer, r["key"]) for writer, r in lines}
         completed = Counter()
         for log in self.calls.glob("*.log"):
             tag = log.stem.split("-")[0]
@@ -176,7 +126,7 @@ class Trial:
 
 
 def final_equals_uninterrupted(cache: RecycleCache, keys) -> bool:
-    return {k: cache.get(k)["raw"] for k in keys if k in cache} == {k: answer(k) for k in keys}
+    return {k: cache.get(k)["raw"] for k in keys if k in cache} == {k: expected_raw(k) for k in keys}
 
 
 # ---- scenarios -------------------------------------------------------------------------------------------------
@@ -261,11 +211,11 @@ def fork_and_num_proc(root: Path, rng: random.Random, hang: float) -> dict:
     shuffled = rng.sample(keys, len(keys))
     ds = Dataset.from_dict({"key": keys + shuffled})
     out = ds.map(transform, batched=True, batch_size=4, num_proc=2, cache_file_name=str(root / "map.arrow"))
-    wrong = sum(raw != answer(k) for k, raw in zip(out["key"], out["raw"]))
+    wrong = sum(raw != expected_raw(k) for k, raw in zip(out["key"], out["raw"]))
     # And a forked copy of one cache object, both processes wanting every key (in opposite orders).
     t2 = Trial(root / "fork", n_keys=24, lease=5.0, sleep=0.02)
     cache = RecycleCache(t2.dir, claim_lease_seconds=t2.lease)
-    generate = counting_generate(t2.calls, t2.sleep, "fork", cache)
+    generate = counting_generate(t2.calls, t2.sleep, tag="fork", cache=cache)
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -283,14 +233,14 @@ def fork_and_num_proc(root: Path, rng: random.Random, hang: float) -> dict:
     for trial in (t, t2):  # each process that generated wrote its own segment (no shared writer id)
         writers = {ln.split(" ", 1)[1] for log in trial.calls.glob("*.log") for ln in log.read_text().splitlines()}
         generators = len(list(trial.calls.glob("*.log")))
-        r["final_ok"] &= len(writers) == generators == len(list((trial.dir / "segments").glob("*.jsonl")))
+        r["final_ok"] &= len(writers) == generators == len(segment_files(trial.dir))
     return r
 
 
 class _MapTransform:
     def __init__(self, t: Trial):
         self.cache = RecycleCache(t.dir, claim_lease_seconds=t.lease)
-        self.generate = counting_generate(t.calls, t.sleep, "map", self.cache)
+        self.generate = counting_generate(t.calls, t.sleep, tag="map", cache=self.cache)
 
     def __call__(self, batch):
         fetched = self.cache.get_or_generate(batch["key"], self.generate)
@@ -299,7 +249,7 @@ class _MapTransform:
 
 def disk_full(root: Path, rng: random.Random, hang: float) -> dict:
     t = Trial(root, n_keys=40, lease=60.0, sleep=0.0)
-    line = len(f"00000000 {json.dumps({'key': 'key000', 'raw': answer('key000')}, separators=(',', ':'))}\n")
+    line = len(f"00000000 {json.dumps({'key': 'key000', 'raw': expected_raw('key000')}, separators=(',', ':'))}\n")
     fsize = line * t.batch * rng.randint(1, 8) + rng.randint(1, line * t.batch - 1)  # fills up inside a batch
     tag, p = t.start(t.keys, fsize=fsize)
     t.wait([p], hang)
@@ -313,7 +263,7 @@ def disk_full(root: Path, rng: random.Random, hang: float) -> dict:
     r = t.result()
     final = RecycleCache(t.dir)
     r["lost"] += sum(k not in final for k in before)
-    whole = all(_decode(ln) is not None for seg in (t.dir / "segments").glob("*.jsonl")
+    whole = all(_decode(ln) is not None for seg in segment_files(t.dir)
                 for ln in seg.read_bytes().splitlines(keepends=True))  # no torn or merged fragment
     r["final_ok"] &= clear_error and whole
     return r
@@ -352,7 +302,7 @@ def index_faults(root: Path, rng: random.Random, hang: float, case: str) -> dict
         ok &= final_equals_uninterrupted(RecycleCache(t.dir), t.keys) and len(RecycleCache(t.dir)) == 40
         time.sleep(0.1)
         finisher = RecycleCache(t.dir, cleanup_grace_seconds=0, claim_lease_seconds=0.05)
-        ok &= finisher.compact() == 4 and len(list((t.dir / "segments").glob("*.jsonl"))) == 1
+        ok &= finisher.compact() == 4 and len(segment_files(t.dir)) == 1
     elif case == "duplicated key, readers in opposite orders":
         (t.dir / "segments").mkdir(parents=True)
         for i in range(4):
@@ -373,7 +323,7 @@ def index_faults(root: Path, rng: random.Random, hang: float, case: str) -> dict
         t.wait([t.start(t.keys)[1]], hang)
     else:
         t.wait([t.start(t.keys)[1]], hang)
-        (segment,) = (t.dir / "segments").glob("*.jsonl")
+        (segment,) = segment_files(t.dir)
         index = t.dir / "index" / (segment.stem + ".idx")
         data = index.read_bytes()
         e = np.frombuffer(data[_HEADER_BYTES:], dtype=_ENTRY)[:-1].copy()  # without the seal
@@ -470,11 +420,7 @@ def main() -> int:
     parser.add_argument("--hang", type=float, default=60.0, help="seconds after which a process counts as hung")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default="", help="run only the scenarios whose name contains this")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(json.loads(args.worker))
-        return 0
     rng = random.Random(args.seed)
     scenarios = [
         ("kill -9 at random instants, resume", args.kill_trials, lambda root, i: kill9(root, rng, args.hang)),

@@ -31,16 +31,17 @@ from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the scripted server of the tests
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # test_support: the scripted server of the tests
 
 from datasets import Dataset  # noqa: E402
-from test_http_oracle import FaultyServer  # noqa: E402
 
 from reflect_trainer import Recycler, ReflectionConfig  # noqa: E402
 from reflect_trainer.cache import RecycleCache  # noqa: E402
 from reflect_trainer.oracles.openai_http import OpenAIHTTPOracle  # noqa: E402
 from reflect_trainer.parsing import neutralize_markers  # noqa: E402
 from reflect_trainer.templates import RESPONSE_REFLECTION, ReflectionStep, ReflectionTemplate  # noqa: E402
+from test_support.http_server import FaultyServer  # noqa: E402
+from test_support.students import tiny_student  # noqa: E402
 
 API_KEY, PASSWORD = "sk-harness-secret-42", "s3cret-harness-pw"
 DEADLINE_S = 120.0
@@ -376,9 +377,7 @@ def main() -> int:
             table.append((NAMES.get(fault, f"http {fault} @20%"), args.trials,
                           args.rows * args.trials, total["lost"], total["fallbacks"], total["dup"], total["hangs"],
                           total["wrong"], total["leaks"], notes))
-        from faults_real import make_tiny_student
-
-        student = make_tiny_student(Path(tmp) / "student")
+        student = tiny_student(Path(tmp) / "student")
         results = [training_trial(t, args.rows, Path(tmp), student) for t in range(args.trials)]
         total = {k: sum(r[k] for r in results)
                  for k in ("lost", "fallbacks", "dup", "hangs", "wrong", "leaks", "requests", "elsewhere")}

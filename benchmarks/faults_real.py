@@ -33,7 +33,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from test_support.cache_files import records_by_writer  # noqa: E402
+from test_support.data import short_pairs  # noqa: E402
+from test_support.http_server import free_port  # noqa: E402
+from test_support.students import tiny_student  # noqa: E402
 
 RECIPE = REPO / "recipes" / "llama7b_recycled.py"
 CPU_CONFIG = REPO / "recipes" / "cpu_smollm2.yaml"
@@ -102,12 +106,6 @@ if os.environ.get("FAULTS_CALLS"):
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -132,15 +130,8 @@ def cmdline(pid: int) -> str:
 
 
 def records(cache_dir: Path) -> list[dict]:
-    from reflect_trainer.cache import _decode
-
-    out = []
-    for seg in sorted((cache_dir / "segments").glob("*.jsonl")):
-        for line in seg.read_bytes().splitlines(keepends=True):
-            record = _decode(line)
-            if record is not None:
-                out.append({**record, "_segment": seg.name[: -len(".jsonl")]})
-    return out
+    """Every record on disk, each with ``_segment``: the writer id of the segment that holds it."""
+    return [{**r, "_segment": writer} for writer, recs in records_by_writer(cache_dir).items() for r in recs]
 
 
 def export_rows(path: Path) -> list[dict] | None:
@@ -149,28 +140,19 @@ def export_rows(path: Path) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def make_tiny_student(path: Path) -> Path:
-    """The student whose training the fault scenarios run: :func:`reflect_trainer.embedded.tiny_student`."""
-    from reflect_trainer.embedded import tiny_student
-
-    return tiny_student(path)
-
-
 class Setup:
     """What every scenario shares: the data, the student, the probe, the uninterrupted references."""
 
     def __init__(self, root: Path, pairs: int, max_new_tokens: int):
-        from reflect_trainer.embedded import load_alpaca_eval
-
         self.root = root
         self.max_new_tokens = max_new_tokens
-        rows = load_alpaca_eval(max_answer_words=30).to_list()
+        rows = short_pairs().to_list()
         # The shortest real pairs: prefill, not the protocol, would otherwise take the time.
         rows = sorted(rows, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:pairs]
         self.data = root / "pairs.jsonl"
         self.data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.pairs = len(rows)
-        self.student = make_tiny_student(root / "student")
+        self.student = tiny_student(root / "student")  # the student whose training the scenarios run
         probe = root / "probe"
         probe.mkdir()
         (probe / "sitecustomize.py").write_text(PROBE)

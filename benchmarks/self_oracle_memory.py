@@ -1,12 +1,12 @@
 """Self-oracle memory: peak RSS with ``oracle_engine="self"`` vs a separate oracle of the same model.
 
-Each run is the probe of ``tests/test_self_oracle.py`` in a fresh process: a LoRA student (SmolLM2-135M, fp32) trains
-one epoch on 4 real AlpacaEval pairs while the oracle recycles them; the process's peak RSS (``VmHWM``) is reset
-after the student is loaded, so what is measured is the growth caused by recycling and training. The separate
-oracle is the same model unquantized: one more copy of exactly the student's weights. The sides run interleaved
-(self, separate, separate, self, ...), ``--repeats`` times each, and the median and spread of each are printed with
-the difference in units of the model's weight bytes. Memory, not time: CPU load from other processes does not
-change these figures, so no warm-up run is discarded.
+Each run is the probe of ``test_support/self_oracle_probe.py`` (also run by ``tests/test_self_oracle.py``) in a fresh
+process: a LoRA student (SmolLM2-135M, fp32) trains one epoch on 4 real AlpacaEval pairs while the oracle recycles
+them; the process's peak RSS (``VmHWM``) is reset after the student is loaded, so what is measured is the growth
+caused by recycling and training. The separate oracle is the same model unquantized: one more copy of exactly the
+student's weights. The sides run interleaved (self, separate, separate, self, ...), ``--repeats`` times each, and the
+median and spread of each are printed with the difference in units of the model's weight bytes. Memory, not time: CPU
+load from other processes does not change these figures, so no warm-up run is discarded.
 
     .venv/bin/python benchmarks/self_oracle_memory.py [--repeats 3]
 """
@@ -14,25 +14,16 @@ change these figures, so no warm-up run is discarded.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from _common import describe, interleaved, machine, median_spread
 
-PROBE = Path(__file__).resolve().parents[1] / "tests" / "test_self_oracle.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # test_support, also without PYTHONPATH=.
+from test_support.self_oracle_probe import run_probe as probe  # noqa: E402
+
 MB = 2**20
-
-
-def probe(engine: str, out_dir: str) -> dict:
-    result = subprocess.run([sys.executable, str(PROBE), engine, out_dir], capture_output=True, text=True,
-                            cwd=PROBE.parent, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
-    if result.returncode != 0:
-        raise SystemExit(f"probe {engine} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -96,12 +96,14 @@ def _cmd_recycle(args) -> int:
           f"{len(data) - len(exported)} of {len(data)} input rows left out: "
           f"{int(stats.get('rows_skipped', 0))} bad input {skipped or ''}, "
           f"{int(stats.get('selected/dropped', 0))} dropped by the selection rule"
-          + ("" if args.keep_dropped else " (--keep-dropped keeps them)"))
+          + ("" if args.keep_dropped else " (--keep-dropped keeps them)")
+          + (f"; {int(stats['rows_passed_through'])} rows had no user→assistant exchange to recycle (pre-tokenized "
+             "rows are exported as they are)" if stats.get("rows_passed_through") else ""))
     takeovers = {k: int(stats.get(k, 0)) for k in ("claims_taken_over", "cache_leases_lost", "cache_duplicates_seen")}
     if any(takeovers.values()):  # the cache's exactly-once protocol had to recover (a process died or stalled)
         logger.warning("cache: %d claims taken over, %d leases lost, %d keys stored twice (see %s)",
                        *takeovers.values(), stats_path)
-    if len(data) and not int(stats.get("rows_recycled", 0)):
+    if len(data) and not int(stats.get("rows_recycled", 0)) and not int(stats.get("rows_passed_through", 0)):
         logger.error("no usable row in %s: every row was skipped as bad input (see the warnings above)", args.data)
         return 3
     return 0

@@ -6,9 +6,11 @@ share it, and a recipe is ``TrlParser((ScriptArguments, SFTConfig, ReflectionCon
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .gates import AcceptanceGates
+from .oracles import known_engine, resolve_engine
 from .oracles.decoding import NO_REPEAT_UNSUPPORTED
 from .preflight import EMBEDDED_ORACLE_NAMES, check_names, check_trainer_inputs
 
@@ -327,12 +329,26 @@ class ReflectionConfig:
         if self.oracle_no_repeat_ngram_size is not None and self.oracle_no_repeat_ngram_size < 0:
             raise ValueError(f"oracle_no_repeat_ngram_size must be >= 0 (0: off), got "
                              f"{self.oracle_no_repeat_ngram_size}")
-        engine = "openai" if self.oracle_engine == "auto" and self.oracle_base_url else self.oracle_engine
+        engine = known_engine(self.oracle_engine, self.oracle_base_url)
         if self.oracle_no_repeat_ngram_size and engine in ("vllm", "openai"):
             raise ValueError("oracle_" + NO_REPEAT_UNSUPPORTED.format(engine=engine,
                                                                       n=self.oracle_no_repeat_ngram_size))
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+
+    def with_engine_resolved(self, device: str | None = None) -> tuple["ReflectionConfig", str]:
+        """``(config, why)``: a copy whose ``oracle_engine`` is what ``"auto"`` means on ``device`` (default: the
+        config's ``oracle_device``), see :func:`reflect_trainer.oracles.resolve_engine`; the config itself when the
+        engine was explicit. The one engine resolution of the recycler and the trainer."""
+        engine, why = resolve_engine(self.oracle_engine, self.oracle_model_path,
+                                     device if device is not None else self.oracle_device, self.oracle_base_url)
+        if engine == self.oracle_engine:
+            return self, why
+        named = getattr(self, "_embedded_oracle_by_name", False)
+        resolved = dataclasses.replace(self, oracle_engine=engine)
+        if named:  # (replace runs __post_init__ again, on a path already resolved to None)
+            resolved._embedded_oracle_by_name = True
+        return resolved, why
 
     def check_before_training(self, train_dataset, args=None, oracle=None, trainer_kwargs: dict | None = None) -> None:
         """What ``ReflectionSFTTrainer`` checks before it prepares the student (see ``preflight.py``): the data set

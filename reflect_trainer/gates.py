@@ -29,10 +29,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .oracles import FINISH_LENGTH, FINISH_UNKNOWN
+# The text rules live in .text; imported here under the names the gates have always had.
+from .text import (LOOP, counts_without_content, ends_mid_sentence, has_loop, is_truncated,  # noqa: F401
+                   match_words, repeated_line, repeated_paragraph, repeated_phrase, word_count)
 
 TRUNCATED = "truncated"
-LOOP = "loop"
 SHORTER_THAN_ORIGINAL = "shorter_than_original"
 INCOMPLETE_INSTRUCTION = "incomplete_instruction"
 META_COMMENTARY = "meta_commentary"
@@ -48,7 +49,7 @@ class AcceptanceGates:
         loop_ngram: A run of this many words that occurs twice in one output is a loop. 0 turns the check off
             (whole-output loops are still caught by the parser).
         min_length_ratio: Response reflection: the better answer must have at least this share of the original
-            answer's words. 0 turns the check off.
+            answer's words (:func:`reflect_trainer.text.word_count`: whitespace-separated). 0 turns the check off.
         require_complete_instruction: Instruction reflection: the new instruction must end a sentence and not on a
             dangling clause.
         reject_meta_commentary: Reject an answer that comments on itself, "the draft" or "the original response".
@@ -61,14 +62,6 @@ class AcceptanceGates:
     reject_meta_commentary: bool = True
 
 
-_WORD_RE = re.compile(r"\w+")
-# A sentence is over when the text ends with one of these (after closing quotes, brackets, markdown emphasis).
-_SENTENCE_END_RE = re.compile(r"[.!?…:;]?[.!?…][\"'”’)\]*_`]*\s*$|```\s*$|[.!?…][\"'”’)\]*_`]*\s*$")
-# A line that is only a list marker ("1.", "2)", "-", "*") with nothing but punctuation or digits after it.
-# ("---" is a markdown rule or table border, not an item.)
-_EMPTY_ITEM_RE = re.compile(r"^\s*(?:\d+[.)]|[-*•])(?:\s+(?:\d+[.)]?\s*)*)?:?\s*$")
-# Four or more list numbers in a row with nothing between them: "1. 1. 2. 3. 4."
-_EMPTY_NUMBER_RUN_RE = re.compile(r"(?:(?<!\S)\d+[.)](?:\s+|$)){4,}")
 # A request that ends on a clause promising what never comes: "... use the following steps", "... such as".
 _DANGLING_RE = re.compile(r"(?:\bfollowing(?:\s+\w+){0,2}|\b(?:such as|including|like|as follows|below|e\.g\.?))"
                           r"\s*[:.]?\s*$", re.I)
@@ -79,84 +72,8 @@ _FUNCTION_WORDS = frozenset(
     "did have has had if when while because so such this these those some any each every".split())
 
 
-def words(text: str) -> list[str]:
-    return _WORD_RE.findall(text.lower())
-
-
-def ends_mid_sentence(text: str) -> bool:
-    """True when the text does not end a sentence (or a code block): what a budget cut leaves behind."""
-    stripped = text.rstrip()
-    if not stripped:
-        return True
-    return not _SENTENCE_END_RE.search(stripped)
-
-
-def is_truncated(finish_reason: str, section_closed: bool, value: str) -> bool:
-    """The section ran into the budget: generation stopped on ``length`` while the section was still open, or on
-    ``length`` with the section ending mid-sentence (a small oracle that restarts a section writes its marker again
-    mid-text: the first copy is "closed" by the second, yet cut). An engine that does not report a finish reason
-    (``unknown``) is judged by the text: an open section that ends mid-sentence."""
-    if finish_reason == FINISH_LENGTH:
-        return not section_closed or ends_mid_sentence(value)
-    return finish_reason == FINISH_UNKNOWN and not section_closed and ends_mid_sentence(value)
-
-
-def repeated_phrase(text: str, n: int) -> str | None:
-    """The first run of ``n`` words said again within the next ``2n`` words — a decoder going round in circles — or
-    None. Good long answers repeat phrases far apart ("the play is stopped and a face off ..." in two paragraphs);
-    loops repeat them back to back."""
-    tokens = words(text)
-    last_seen: dict[tuple[str, ...], int] = {}
-    for i in range(len(tokens) - n + 1):
-        gram = tuple(tokens[i : i + n])
-        if gram in last_seen and i - last_seen[gram] <= 2 * n:
-            return " ".join(gram)
-        last_seen[gram] = i
-    return None
-
-
-def counts_without_content(text: str) -> bool:
-    """An enumeration that counts without saying anything: "1. 1. 2. 3. 4." or several empty list items."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    empty_items = sum(bool(_EMPTY_ITEM_RE.match(ln)) for ln in lines)
-    if empty_items >= 3:
-        return True
-    return bool(_EMPTY_NUMBER_RUN_RE.search(text))
-
-
-_LIST_MARKER_RE = re.compile(r"^\s*(?:\d+[.)]|[-*•#]+)\s*")
-
-
-def repeated_line(text: str, times: int = 3) -> bool:
-    """The same line (list numbering aside, at least three words) said ``times`` times: '1. The answer is: "Drake"',
-    '2. The answer is: "Drake"', ... — a loop in list form, too short for the n-gram window."""
-    lines = [" ".join(words(_LIST_MARKER_RE.sub("", ln))) for ln in text.splitlines() if ln.strip()]
-    run = 1
-    for previous, line in zip(lines, lines[1:]):  # back to back, as loops repeat (lyrics and tables repeat apart)
-        run = run + 1 if line == previous and len(line.split()) >= 3 else 1
-        if run >= times:
-            return True
-    return False
-
-
-def repeated_paragraph(text: str, n: int, share: float = 0.6, min_words: int = 8) -> bool:
-    """A paragraph that mostly says the previous one again (``share`` of its word ``n``-grams were in it): a loop
-    too far apart for :func:`repeated_phrase`, with a word changed here and there. Back to back only: a song's
-    chorus or a program's repeated block comes back further away (B9: 1 of 805 good answers caught at n=8, against 8
-    if any earlier paragraph counted)."""
-    previous: set[tuple[str, ...]] = set()
-    for paragraph in re.split(r"\n\s*\n", text):
-        tokens = words(paragraph)
-        grams = {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
-        if len(tokens) >= min_words and grams and len(grams & previous) >= share * len(grams):
-            return True
-        previous = grams
-    return False
-
-
-def has_loop(text: str, ngram: int) -> bool:
-    return (counts_without_content(text) or repeated_line(text)
-            or (ngram > 0 and (repeated_phrase(text, ngram) is not None or repeated_paragraph(text, ngram))))
+#: Compared words (lower-cased ``\w+`` runs), the name the parser and the gates used; counts use ``word_count``.
+words = match_words
 
 
 _REFERENT = r"(?:answer|response|reply|draft|version|prompt|text|sentence|message|alternative|revision|rewrite)"
@@ -193,7 +110,7 @@ def instruction_is_complete(text: str) -> bool:
         return False
     if stripped.endswith(("?", "!", ".", ")", '"', "”")):
         return True  # "What should I build a cabin out of?" ends on a preposition, and is complete
-    last = words(stripped)[-1:] or [""]
+    last = match_words(stripped)[-1:] or [""]
     return last[0] not in _FUNCTION_WORDS
 
 
@@ -210,6 +127,6 @@ def judge_rewrite(gates: AcceptanceGates, *, value: str, generated_part: str, se
     if kind != "instruction" and gates.reject_meta_commentary and meta_commentary(generated_part):
         return META_COMMENTARY
     if kind == "better_answer" and gates.min_length_ratio > 0:
-        if len(words(value)) < gates.min_length_ratio * len(words(original)):
+        if word_count(value) < gates.min_length_ratio * word_count(original):
             return SHORTER_THAN_ORIGINAL
     return None

@@ -12,20 +12,19 @@ sections are split, so it cannot forge one.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .gates import GATE_REASONS, TRUNCATED, AcceptanceGates, is_truncated, judge_rewrite
-from .gates import words as _words  # one word splitter for the parser's checks and the gates
+from .gates import GATE_REASONS, TRUNCATED, AcceptanceGates, judge_rewrite
 from .oracles import FINISH_LENGTH, FINISH_UNKNOWN
+from .text import LOOP, _ngrams, has_loop, is_truncated, whole_output_loop
+from .text import match_words as _words  # one word splitter for the parser's checks and the gates
 from .thinking import DEFAULT_THINKING_TAGS, THINKING_TRUNCATED, split_thinking
 
 # Fallback reasons, recorded per phase. Everything but these means "parsed and accepted".
 NO_SECTION = "no_section"
 EMPTY = "empty"
 PLACEHOLDER = "placeholder"
-LOOP = "loop"
 ECHO_ORIGINAL = "echo_original"
 ECHO_PROMPT = "echo_prompt"
 TOO_SHORT = "too_short"
@@ -155,24 +154,8 @@ def section_spans(
     return found
 
 
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-
-
-def is_loop(text: str) -> bool:
-    """A sentence or phrase repeated over and over: the typical failure of a small greedy decoder."""
-    words = _words(text)
-    if len(words) < 12:
-        return False
-    if sum(w.isalpha() for w in words) < 0.3 * len(words):
-        return True  # counting or symbol runs ("1. 2. 3. 4. ...") — no prose at all
-    grams = _ngrams(words, 4)
-    distinct_ratio = len(set(grams)) / len(grams)
-    if distinct_ratio < 0.55:
-        return True
-    lines = [ln.strip().lower() for ln in text.splitlines() if len(ln.split()) >= 1 and ln.strip()]
-    counts = Counter(lines)
-    return bool(counts) and counts.most_common(1)[0][1] >= 4 and len(lines) >= 6
+#: The whole-output check of the one loop detector (:func:`reflect_trainer.text.has_loop`), under its old name.
+is_loop = whole_output_loop
 
 
 def copied_fraction(text: str, source: str, n: int = 4) -> float:
@@ -197,12 +180,15 @@ def judge_field(
     boilerplate: str,
     placeholders: tuple[str, ...],
     prompt: str = "",
+    loop_ngram: int = 0,
 ) -> str | None:
     """Return why a parsed field is unusable, or None when it is accepted.
 
     ``generated_part`` is what the oracle wrote for this field (without any pre-filled text: a pre-filled copy of
     the original is ours, not an echo), ``original`` the field it would replace, ``boilerplate`` the template text
     around the data (an echo of it means the oracle repeated its instructions), ``prompt`` the whole prompt as sent.
+    ``loop_ngram``: the gates' n-gram window for :func:`reflect_trainer.text.has_loop` (0: whole-output loops only),
+    so a loop is judged here as the gates judge it.
     """
     if is_empty_field(generated_part):
         return EMPTY
@@ -213,7 +199,7 @@ def judge_field(
         return ECHO_PROMPT  # e.g. "Draft answer: ..." — the oracle is copying the prompt's layout
     if len(_words(generated_part)) < 3:
         return TOO_SHORT
-    if is_loop(generated_part):
+    if has_loop(generated_part, loop_ngram):
         return LOOP
     if boilerplate and copied_fraction(generated_part, boilerplate, 3) >= 0.5:
         return ECHO_PROMPT
@@ -265,7 +251,7 @@ def parse_step_output(
         if gates is not None and gates.reject_truncated and is_truncated(finish_reason, closed, generated_part):
             reason = TRUNCATED  # first: a text cut by the budget is cut, whatever else it resembles
         reason = reason or judge_field(generated_part, originals.get(field_name, ""), boilerplate, placeholders,
-                                       prompt)
+                                       prompt, loop_ngram=gates.loop_ngram if gates is not None else 0)
         if reason is None and gates is not None:
             kind = ("instruction" if field_name == "instruction"
                     else "better_answer" if rewrites_answer else "answer")

@@ -11,7 +11,6 @@ Use it on its own::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -21,9 +20,8 @@ from typing import Any
 
 from .cache import RecycleCache, cache_key
 from .config import ReflectionConfig
-from .export import DROPPED_BY_SELECTION
-from .formats import BadRowError, Pair, detect_format, row_to_pair, validate_rows
-from .gates import ends_mid_sentence
+from .formats import BadRowError, Pair, read_row, row_format, validate_rows
+from .text import ends_mid_sentence, request_text
 from .oracles.decoding import resolve_controls
 from .oracles import (
     FINISH_ERROR,
@@ -34,7 +32,6 @@ from .oracles import (
     as_generation,
     load_oracle,
     oracle_identity,
-    resolve_engine,
     resolve_quantization,
 )
 from .parsing import (
@@ -55,41 +52,14 @@ from .templates import (
     render,
     render_fields,
 )
-from .selection import SCORING_VERSION, VERSIONS, PairScores, select_version
+from .schema import (DROPPED_BY_SELECTION, PASSED_THROUGH, RECYCLED_COLUMNS,  # noqa: F401 (public names)
+                     RESPONSE_REFLECTION_OF_ORIGINAL, SELECTION_COLUMNS, VERSIONS, fallback_column, finish_column,
+                     oracle_tokens_per_s, raw_column)
+from .selection import SCORING_VERSION, PairScores, select_version
 from .structured import section_format_for
 from .thinking import chat_template_kwargs
 
 logger = logging.getLogger(__name__)
-
-#: Columns the transform adds to each row.
-RECYCLED_COLUMNS = (
-    "recycled_instruction",
-    "recycled_input",
-    "recycled_output",
-    "reflected_instruction",
-    "reflected_output",
-    "instruction_reflection_raw",
-    "response_reflection_raw",
-    "instruction_reflection_fallback",
-    "response_reflection_fallback",
-    "instruction_reflection_finish",
-    "response_reflection_finish",
-    "skip_reason",
-)
-#: Columns added in ``selective`` mode: the ``a`` version (response reflection of the original), the ``qa`` answer
-#: (``reflected_instruction`` is its instruction), the student's scores of every version, and the version trained
-#: on (``None``: dropped, with ``selection_drop``).
-SELECTION_COLUMNS = (
-    "a_output",
-    "a_raw",
-    "a_fallback",
-    "a_finish",
-    "qa_output",
-    *(f"{score}_{version}" for score in ("ifd", "rifd") for version in VERSIONS),
-    "selected_version",
-)
-#: Stats label of response reflection applied to the original pair (``a``) in selective mode.
-RESPONSE_REFLECTION_OF_ORIGINAL = "response_reflection_of_original"
 
 
 @dataclass
@@ -117,6 +87,7 @@ class RecycleStats:
     rows_seen: int = 0
     rows_recycled: int = 0
     rows_skipped: int = 0
+    rows_passed_through: int = 0  # rows with no exchange to recycle (pre-tokenized, a conversation ending elsewhere)
     skip_reasons: Counter = field(default_factory=Counter)
     marker_like_rows: int = 0
     cache_hits: int = 0
@@ -137,7 +108,7 @@ class RecycleStats:
         out: dict[str, float] = {
             k: v for k, v in list(self.__dict__.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        out["oracle_tokens_per_s"] = self.oracle_tokens / self.oracle_seconds if self.oracle_seconds else 0.0
+        out["oracle_tokens_per_s"] = oracle_tokens_per_s(out)
         for reason, n in list(self.skip_reasons.items()):
             out[f"skipped/{reason}"] = n
         for (phase, what), n in list(self.phase_counts.items()):
@@ -186,16 +157,10 @@ class Recycler:
         templates: dict[str, ReflectionTemplate] | None = None,
         scorer=None,
     ):
-        self.config = config or ReflectionConfig()
-        engine, why = resolve_engine(self.config.oracle_engine, self.config.oracle_model_path,
-                                     self.config.oracle_device, self.config.oracle_base_url)
-        if engine != self.config.oracle_engine:
-            if oracle is None:
-                logger.info("oracle engine: %s (%s)", engine, why)
-            named = getattr(self.config, "_embedded_oracle_by_name", False)
-            self.config = dataclasses.replace(self.config, oracle_engine=engine)
-            if named:  # (replace runs __post_init__ again, on a path already resolved to None)
-                self.config._embedded_oracle_by_name = True
+        config = config or ReflectionConfig()
+        self.config, why = config.with_engine_resolved()
+        if self.config is not config and oracle is None:
+            logger.info("oracle engine: %s (%s)", self.config.oracle_engine, why)
         if self.config.mode == "selective" and scorer is None:
             raise ValueError(
                 "mode='selective' needs the student to score the versions of each pair: use ReflectionSFTTrainer, "
@@ -299,6 +264,13 @@ class Recycler:
         out["cache_leases_lost"] = self.cache.leases_lost  # claims of this process that another one took over
         return out
 
+    def _record_passed_through(self, fmt: str) -> None:
+        if not self._stats.rows_passed_through:  # logged once: a whole data set may be like this
+            logger.info("%s rows without a final user→assistant exchange (pre-tokenized, or a conversation ending with "
+                        "a user turn, a tool turn or non-text content) cannot be recycled: they are passed through "
+                        "untouched and counted (rows_passed_through)", fmt)
+        self._stats.rows_passed_through += 1
+
     def record_skipped(self, errors) -> None:
         """Count rows dropped as bad input (by validation done elsewhere)."""
         for err in errors:
@@ -316,24 +288,26 @@ class Recycler:
         Safe in a background thread while the student trains; :meth:`finish` then runs in the training thread.
         """
         n = len(next(iter(batch.values()))) if batch else 0
-        fmt = detect_format(batch.keys())
+        fmt = row_format(batch.keys())
         if indices is None and "row_index" in batch:
             indices = batch["row_index"]
         pairs: list[Pair | None] = []
         skips: list[str | None] = []
         for i in range(n):
             label = indices[i] if indices is not None else f"at batch position {i}"
-            try:
-                pair = row_to_pair({k: batch[k][i] for k in batch}, fmt, label, self.config.max_field_chars)
+            pair = read_row({k: batch[k][i] for k in batch}, fmt, label, self.config.max_field_chars,
+                            self.config.on_bad_row)
+            if isinstance(pair, BadRowError):
+                self.record_skipped([pair])
+                pairs.append(None)
+                skips.append(str(pair))
+            elif pair is None:
+                self._record_passed_through(fmt)
+                pairs.append(None)
+                skips.append(PASSED_THROUGH)
+            else:
                 pairs.append(pair)
                 skips.append(None)
-            except BadRowError as err:
-                if self.config.on_bad_row == "error":
-                    raise
-                logger.warning("skipping bad row: %s", err)
-                self.record_skipped([err])
-                pairs.append(None)
-                skips.append(str(err))
         outcomes = self._run_phases([p for p in pairs if p is not None])
         return ReflectedBatch(batch, pairs, skips, outcomes)
 
@@ -480,7 +454,7 @@ class Recycler:
                     reasons[i] = record.get("error") or "oracle_error"
                     continue
                 originals = {
-                    "instruction": inputs[i].instruction + (f"\n\n{inputs[i].input}" if inputs[i].input else ""),
+                    "instruction": request_text(inputs[i].instruction, inputs[i].input),
                     "output": inputs[i].output,
                 }
                 parsed = parse_step_output(
@@ -706,7 +680,7 @@ def _prefill_opener(step: ReflectionStep, prefill: str) -> tuple[str, int] | Non
 
 
 def _request(pair: Pair) -> str:
-    return pair.instruction + (f"\n\n{pair.input}" if pair.input else "")
+    return request_text(pair.instruction, pair.input)
 
 
 def _versions(pair: Pair, outcome: dict) -> dict[str, Pair]:
@@ -733,12 +707,12 @@ def _row_columns(pair: Pair, outcome: dict[str, Any]) -> dict[str, Any]:
         "recycled_output": final.output,
         "reflected_instruction": ir.pair.instruction if ir else None,
         "reflected_output": ir.pair.output if ir else None,
-        "instruction_reflection_raw": ir.raw if ir else None,
-        "response_reflection_raw": rr.raw if rr else None,
-        "instruction_reflection_fallback": ir.reason if ir else None,
-        "response_reflection_fallback": rr.reason if rr else None,
-        "instruction_reflection_finish": ir.finish if ir else None,
-        "response_reflection_finish": rr.finish if rr else None,
+        raw_column(INSTRUCTION_REFLECTION): ir.raw if ir else None,
+        raw_column(RESPONSE_REFLECTION): rr.raw if rr else None,
+        fallback_column(INSTRUCTION_REFLECTION): ir.reason if ir else None,
+        fallback_column(RESPONSE_REFLECTION): rr.reason if rr else None,
+        finish_column(INSTRUCTION_REFLECTION): ir.finish if ir else None,
+        finish_column(RESPONSE_REFLECTION): rr.finish if rr else None,
         "skip_reason": None,
     }
     if selection is not None:

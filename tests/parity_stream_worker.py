@@ -10,10 +10,10 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
-from conftest import ScriptedOracle
 from reflect_trainer import ReflectionConfig
 from reflect_trainer.embedded import default_oracle_path
 from reflect_trainer.trainer import ReflectionSFTTrainer
+from test_support.oracles import ScriptedOracle
 
 
 def main(out: Path) -> None:

@@ -13,24 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import ScriptedOracle
 from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.gates import ends_mid_sentence
 from reflect_trainer.oracles import Generation, GenerationSettings
-
-ORIGINAL = {"instruction": "How do I keep basil fresh?", "input": "",
-            "output": "Put the stems in a glass of water on the counter and cover the leaves loosely with a bag."}
-LONGER = ("Trim the stems, stand them in a glass of fresh water like cut flowers and keep the glass on the counter, "
-          "away from direct sun. Cover the leaves loosely with a plastic bag and change the water every two days. "
-          "Do not refrigerate it: basil leaves turn black below about ten degrees.")
+from test_support.data import LONGER, ORIGINAL
+from test_support.oracles import ScriptedOracle
+from test_support.recycling import recycle as recycle_with
 
 
 def recycle(tmp_path, oracle, rows=None, **config):
-    from datasets import Dataset
-
-    settings = dict(cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact", progress_bar=False)
-    recycler = Recycler(ReflectionConfig(**{**settings, **config}), oracle=oracle)
-    return recycler.recycle_dataset(Dataset.from_list(rows or [ORIGINAL])), recycler
+    config = {"mode": "response", "template_set": "compact", **config}
+    return recycle_with(rows or [ORIGINAL], oracle, tmp_path / "cache", **config)
 
 
 def answering(generation: Generation):

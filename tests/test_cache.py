@@ -106,7 +106,6 @@ def test_record_stored_by_another_writer_between_our_look_and_our_claim_is_count
     assert not list((tmp_path / "claims").iterdir())
 
 
-
 def test_key_claimed_by_another_writer_that_lands_while_we_generate_ours_is_counted_as_theirs(tmp_path):
     # The race behind a flaky 2-rank run (CI, 2026-12-04): rank B meets rank A's claim on a shared pair, generates its
     # own pairs meanwhile, and A's record lands before B would start waiting. B generated the shared pair neither
@@ -127,6 +126,7 @@ def test_key_claimed_by_another_writer_that_lands_while_we_generate_ours_is_coun
     assert (fetched.hits, fetched.misses, fetched.generated, fetched.waited) == (0, 2, 1, 1)
     assert not list((tmp_path / "claims").iterdir())
 
+
 def test_lone_surrogate_in_oracle_text_is_stored_and_read_back_unchanged(tmp_path):
     text = "broken \ud83d emoji half and a normal é"
     RecycleCache(tmp_path).put_many([{"key": "s", "raw": text}, {"key": "t", "raw": "plain ü"}])
@@ -145,7 +145,7 @@ def test_cache_key_depends_on_every_part_of_the_payload():
 
 
 def test_recycler_caches_answered_rows_and_asks_again_only_for_rows_the_oracle_failed(tmp_path):
-    from conftest import ScriptedOracle
+    from test_support.oracles import ScriptedOracle
     from reflect_trainer import Recycler, ReflectionConfig
     from reflect_trainer.oracles import Generation
 

@@ -21,11 +21,11 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from cache_workload import counting_generate, expected_raw, generation_log, stored_lines
 from reflect_trainer.cache import RecycleCache, _decode, _encode, _pid_namespace, _proc_stat
+from test_support.cache_files import stored_records
+from test_support.cache_workload import command, counting_generate, expected_raw, generation_log
 
 HANG = 120  # seconds after which a call that should have returned counts as hung
-WORKLOAD = Path(__file__).parent / "cache_workload.py"
 REPO = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
@@ -54,7 +54,7 @@ def workload(tmp_path, keys, name, **spec):
     calls.mkdir(exist_ok=True)
     spec = {"dir": str(tmp_path / "cache"), "keys": keys, "calls": str(calls), "out": str(tmp_path / f"{name}.json"),
             **spec}
-    return [sys.executable, str(WORKLOAD), json.dumps(spec)]
+    return command(spec)  # run with ENV: the repository root on PYTHONPATH
 
 
 def write_claim(cache_dir: Path, key: str, **owner) -> Path:
@@ -195,7 +195,7 @@ def test_heartbeat_keeps_a_slow_owners_claim_past_the_lease(tmp_path):
     # The owner's call lasted six leases; the waiter waited for it instead of taking over.
     assert fetched.waited == 1 and fetched.taken_over == 0 and fetched.generated == 0
     assert generation_log(tmp_path / "calls") == {owner.pid: ["k"]}
-    assert [r["key"] for r in stored_lines(tmp_path / "cache")] == ["k"]
+    assert [r["key"] for r in stored_records(tmp_path / "cache")] == ["k"]
 
 
 def test_owner_that_lost_its_lease_keeps_the_new_owners_record_and_stores_no_second_copy(tmp_path):
@@ -220,7 +220,7 @@ def test_owner_that_lost_its_lease_keeps_the_new_owners_record_and_stores_no_sec
     thread.join(HANG)
     assert fetched_b.taken_over == 1 and fetched_b.records["k"]["raw"] == "B's"
     assert result[0].records["k"]["raw"] == "B's"
-    assert [(r["key"], r["raw"]) for r in stored_lines(tmp_path)] == [("k", "B's")]
+    assert [(r["key"], r["raw"]) for r in stored_records(tmp_path)] == [("k", "B's")]
     assert not list((tmp_path / "claims").iterdir())  # A's late release left nothing behind and freed nothing of B's
 
 
@@ -306,7 +306,7 @@ def test_datasets_map_with_num_proc_2_generates_each_key_once(tmp_path):
     assert out["raw"] == [expected_raw(k) for k in keys + keys[::-1]]
     log = generation_log(tmp_path / "calls")
     assert Counter(k for ks in log.values() for k in ks) == Counter(keys)
-    assert sorted(r["key"] for r in stored_lines(tmp_path / "cache")) == sorted(keys)
+    assert sorted(r["key"] for r in stored_records(tmp_path / "cache")) == sorted(keys)
     assert len(list((tmp_path / "cache" / "segments").glob("*.jsonl"))) == len(log) == 2  # a segment per worker
 
 
@@ -404,7 +404,7 @@ def test_two_hosts_sharing_one_cache_dir_generate_each_key_once(tmp_path):
         result = json.loads((tmp_path / f"{host}.json").read_text())
         assert result["writer"].startswith(host + "-")
         assert result["got"] == {k: expected_raw(k) for k in keys}
-    assert sorted(r["key"] for r in stored_lines(tmp_path / "cache")) == sorted(keys)
+    assert sorted(r["key"] for r in stored_records(tmp_path / "cache")) == sorted(keys)
 
 
 def test_kill_9_mid_workload_then_resume_loses_nothing_and_stores_nothing_twice(tmp_path):
@@ -422,5 +422,5 @@ def test_kill_9_mid_workload_then_resume_loses_nothing_and_stores_nothing_twice(
     resumed = subprocess.run(workload(tmp_path, keys, "resumed", batch=5), env=ENV, timeout=HANG)
     assert resumed.returncode == 0
     assert json.loads((tmp_path / "resumed.json").read_text())["got"] == {k: expected_raw(k) for k in keys}
-    stored = [r["key"] for r in stored_lines(tmp_path / "cache")]
+    stored = [r["key"] for r in stored_records(tmp_path / "cache")]
     assert sorted(stored) == sorted(keys)  # none lost, none stored twice

@@ -9,8 +9,10 @@ import time
 
 import pytest
 
-from conftest import CountingOracle
 from reflect_trainer import Recycler, ReflectionConfig
+from test_support.cache_files import stored_records
+from test_support.data import short_pairs
+from test_support.oracles import CountingOracle
 
 pytestmark = pytest.mark.slow
 MAX_NEW_TOKENS = 16
@@ -20,19 +22,6 @@ def cli(*args):
     # nf4: the same (quantized) oracle identity as the `real_oracle` fixture, so the cache written here serves it.
     return [sys.executable, "-m", "reflect_trainer.cli", "recycle", *args, "--mode", "response", "--templates",
             "compact", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "4", "--quantization", "nf4"]
-
-
-def short_pairs(n):
-    from reflect_trainer.embedded import load_alpaca_eval
-
-    return load_alpaca_eval(limit=n, max_answer_words=30)  # short prompts: the mechanics, not the prefill, cost
-
-
-def segment_records(cache_dir):
-    lines = []
-    for path in (cache_dir / "segments").glob("*.jsonl"):
-        lines += [ln for ln in path.read_bytes().split(b"\n") if ln]
-    return lines
 
 
 def write_rows(path, rows):
@@ -47,12 +36,12 @@ def test_kill_9_loses_at_most_the_batch_in_flight(tmp_path, alpaca_pairs, real_o
     proc = subprocess.Popen(cli(str(src), "--out", str(tmp_path / "out.jsonl"), "--cache-dir", str(cache_dir)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(segment_records(cache_dir) if cache_dir.exists() else []) < 4:
+    while time.time() < deadline and len(stored_records(cache_dir)) < 4:
         assert proc.poll() is None, "the recycler finished or died before it could be killed"
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)  # mid-run: the second batch of 4 is being generated
     proc.wait()
-    committed = len(segment_records(cache_dir))
+    committed = len(stored_records(cache_dir))
     assert 4 <= committed < 24
 
     oracle = CountingOracle(real_oracle)
@@ -81,7 +70,7 @@ def test_two_processes_on_overlapping_shards_store_every_row_exactly_once(tmp_pa
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-    records = [json.loads(line.split(b" ", 1)[1]) for line in segment_records(cache_dir)]
+    records = stored_records(cache_dir)
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys)) == 16  # no row lost, none stored twice
     out_a = [json.loads(line) for line in (tmp_path / "a.out.jsonl").read_text().splitlines()]

@@ -12,9 +12,9 @@ import torch
 from datasets import Dataset
 from trl import SFTTrainer
 
-from conftest import ScriptedOracle
 from reflect_trainer import ReflectionConfig
 from reflect_trainer.trainer import ReflectionSFTTrainer
+from test_support.oracles import ScriptedOracle
 import test_parity
 from test_parity import STEPS, assert_same_training, cheap_copy, config, fresh_tokenizer, qa, train
 

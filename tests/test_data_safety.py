@@ -5,9 +5,7 @@ import json
 import re
 
 import pytest
-from conftest import ScriptedOracle
 from datasets import Dataset
-from test_http_oracle import FaultyServer
 
 from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.cli import main
@@ -15,6 +13,8 @@ from reflect_trainer.formats import BadRowError
 from reflect_trainer.parsing import marker_regex
 from reflect_trainer.selection import PairScores
 from reflect_trainer.templates import RESPONSE_REFLECTION, ReflectionStep, ReflectionTemplate
+from test_support.http_server import FaultyServer
+from test_support.oracles import ScriptedOracle
 
 CODE_PAIR = {"instruction": "How do I get the last element of a MATLAB vector v? Show v[end] style indexing.",
              "output": "Use v(end); some people write v[end] by mistake."}
@@ -28,7 +28,7 @@ def matlab_oracle(conversation):
         return " compare it with indexing from the front and explain when the vector is empty."
     if "Here is a draft reply" in user:
         return (f"Index with end: {code} is the final entry, v(end-1) the one before it, and for an empty vector "
-                "both fail, so check isempty(v) first. [End]")
+                "both fail, so check isempty(v) first and handle that case on its own. [End]")
     return (f"In MATLAB the expression {code} names the last element; with v = 1:10 it gives ten, and an empty "
             "vector raises an index error instead. [End]")
 

@@ -46,7 +46,7 @@ def test_transformers_repetition_penalty_ends_a_real_loop(real_oracle, plain_loo
 
 
 def test_controls_are_in_the_cache_key_and_leave_old_keys_alone(tmp_path):
-    from conftest import ScriptedOracle
+    from test_support.oracles import ScriptedOracle
 
     rows = {"instruction": ["Say hi."], "input": [""], "output": ["hi"]}
     asked = []

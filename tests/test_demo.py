@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from test_support.cache_files import stored_records
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = 2
@@ -45,8 +47,7 @@ def test_make_demo_commands_recycle_train_inspect_and_report_with_the_exact_demo
     assert stats["rows_recycled"] == PAIRS and stats["oracle_tokens"] > 0
     # Every prompt went to the oracle once and was stored once: per pair "make the request more demanding" and
     # "better answer", plus "answer the new instruction" for each new instruction that parsed.
-    records = [line for path in (tmp_path / "cache" / "segments").glob("*.jsonl")
-               for line in path.read_text().splitlines() if line]
+    records = stored_records(tmp_path / "cache")
     assert 2 * PAIRS <= stats["oracle_prompts"] == len(records) <= 3 * PAIRS
     assert (tmp_path / "out" / "model.safetensors").exists()
     pairs = load_alpaca_eval(limit=PAIRS, max_answer_words=30)  # the demo's data: answers of at most 30 words

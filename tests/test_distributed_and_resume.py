@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from test_support.cache_files import stored_records
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 16  # max_length 256: TRL keeps every row (at 128 it drops those whose prompt fills it)
@@ -34,13 +36,6 @@ def launch_two_processes(tmp_path, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
 
 
-def cache_records(cache_dir):
-    records = []
-    for path in (cache_dir / "segments").glob("*.jsonl"):
-        records += [json.loads(line.split(" ", 1)[1]) for line in path.read_text().splitlines() if line]
-    return records
-
-
 def test_two_ranks_with_deepspeed_zero2_recycle_overlapping_shares_exactly_once(tmp_path):
     """10 rows, 2 ranks x batch 2: 5 micro-batches for 6 slots, so accelerate (even_batches) gives rank 1 the first
     micro-batch of rank 0 again. With 3 micro-batches per buffer both ranks ask for those 2 pairs in their first
@@ -60,7 +55,7 @@ def test_two_ranks_with_deepspeed_zero2_recycle_overlapping_shares_exactly_once(
     assert sum(s["waited_for_other_writer"] + s["cache_hits"] for s in stats) == 2, json.dumps(stats)
     assert sum(s["claims_taken_over"] for s in stats) == 0
     assert sum(s["oracle_prompts"] for s in stats) == rows  # 12 rows trained, 10 oracle prompts
-    keys = [r["key"] for r in cache_records(tmp_path / "cache")]
+    keys = [r["key"] for r in stored_records(tmp_path / "cache")]
     assert len(keys) == len(set(keys)) == rows
     assert not any(s["oracle_loaded_at_end"] for s in stats)  # released once the rank's share was done
     assert [s["deepspeed_zero_stage"] for s in stats] == [2, 2]
@@ -84,7 +79,7 @@ def test_two_ranks_with_zero3_recycle_each_pair_once_and_select_with_the_sharded
     for s in stats:
         assert sum(s.get(f"selected/{v}", 0) for v in ("original", "q", "a", "qa")) == rows
         assert s["scores_computed"] > 0  # every rank scored its own pairs (collectively, in lockstep)
-    records = cache_records(tmp_path / "cache")
+    records = stored_records(tmp_path / "cache")
     keys = [r["key"] for r in records]
     assert len(keys) == len(set(keys))  # no text generated, and no score stored, twice
     assert sum(s["oracle_prompts"] for s in stats) == sum(r.get("kind") != "scores" for r in records)
@@ -123,7 +118,7 @@ def test_kill_9_inside_a_buffer_then_resume_trains_the_remaining_steps_as_an_uni
     reference_step = saved[-2]  # complete: the newest was begun after it, and may be half-written
     reference = log_losses(out / f"checkpoint-{reference_step}" / "trainer_state.json")
     assert sorted(reference) == list(range(1, reference_step + 1))
-    before = {r["key"] for r in cache_records(tmp_path / "cache")}
+    before = {r["key"] for r in stored_records(tmp_path / "cache")}
     assert 0 < len(before) < ROWS  # killed mid-recycling: the resumed run has oracle work left
 
     resumed = subprocess.run([sys.executable, *args, "--save_steps", "100",  # saves checkpoint-8 at the end
@@ -141,7 +136,7 @@ def test_kill_9_inside_a_buffer_then_resume_trains_the_remaining_steps_as_an_uni
     for step in range(4, reference_step + 1):
         assert final[step] == pytest.approx(reference[step], rel=1e-4), (step, final, reference)
     assert stats["oracle_prompts"] == ROWS - len(before)  # only pairs not cached before the kill
-    keys = [r["key"] for r in cache_records(tmp_path / "cache")]
+    keys = [r["key"] for r in stored_records(tmp_path / "cache")]
     assert len(keys) == len(set(keys)) == ROWS  # no pair went to the oracle twice
     shutil.rmtree(out, ignore_errors=True)  # ~1.6 GB per checkpoint (weights and Adam state, fp32); kept on failure
 

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import ScriptedOracle
 
 from reflect_trainer.embedded import assets_home
 from reflect_trainer.evaluation.ifeval import (
@@ -37,6 +36,7 @@ from reflect_trainer.evaluation.pairwise import (
     parse_verdict,
     summarize,
 )
+from test_support.oracles import ScriptedOracle
 
 # --- verdict parsing and combination (no model) ----------------------------------------------------------------
 

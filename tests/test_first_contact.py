@@ -18,17 +18,11 @@ from datasets import Dataset, IterableDataset
 
 from reflect_trainer import InputError, ReflectionConfig
 from reflect_trainer.cli import RECYCLE_ALIASES, build_parser, main
+from test_support.students import UntouchableStudent
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [{"instruction": "Name a colour.", "input": "", "output": "Red."},
          {"instruction": "Name a fruit.", "input": "", "output": "An apple."}]
-
-
-class UntouchableStudent:
-    """A student whose every use fails: an error raised with it in hand came before the student was prepared."""
-
-    def __getattr__(self, name):
-        raise AssertionError(f"the student was used ({name}) before the input check")
 
 
 def closed_port_url() -> str:

@@ -12,15 +12,11 @@ from datasets import Dataset
 
 from reflect_trainer import InputError, ReflectionConfig
 from reflect_trainer.cli import main
+from test_support.students import UntouchableStudent
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the claim is about a machine without a GPU")
 PAIRS = [{"instruction": "Name a colour.", "input": "", "output": "Red."},
          {"instruction": "Name a fruit.", "input": "", "output": "An apple."}]
-
-
-class UntouchableStudent:
-    def __getattr__(self, name):
-        raise AssertionError(f"the student was used ({name}) before the hardware check")
 
 
 def model_folder(tmp_path):

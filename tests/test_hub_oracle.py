@@ -15,6 +15,7 @@ from reflect_trainer import InputError, ReflectionConfig, fingerprint
 from reflect_trainer.embedded import default_oracle_path
 from reflect_trainer.oracles import GenerationSettings, oracle_identity
 from reflect_trainer.preflight import check_oracle
+from test_support.students import UntouchableStudent
 
 REPO = "stand-in-org/smollm2-oracle"
 MAIN = "a" * 39 + "1"  # the default branch's commit
@@ -103,13 +104,6 @@ def test_recycler_uses_the_oracle_revision_of_the_config(hub, tmp_path, no_weigh
     config = ReflectionConfig(oracle_model_path=REPO, oracle_revision="v2", oracle_engine="transformers",
                               oracle_quantization="none", oracle_device="cpu", cache_dir=str(tmp_path / "cache"))
     assert Recycler(config).oracle_identity == f"transformers:{REPO}@{V2}:none"
-
-
-class UntouchableStudent:
-    """A student whose every use fails: an error raised with it in hand came before the student was prepared."""
-
-    def __getattr__(self, name):
-        raise AssertionError(f"the student was used ({name}) before the input check")
 
 
 @pytest.mark.parametrize("repo, revision, named", [

@@ -4,8 +4,9 @@ text in the data cannot forge a parsed field."""
 import pytest
 from datasets import Dataset
 
-from conftest import CountingOracle, ScriptedOracle
 from reflect_trainer import BadRowError, Recycler, ReflectionConfig, to_sft_dataset, validate_rows
+from test_support.data import shortest_pairs
+from test_support.oracles import CountingOracle, ScriptedOracle
 
 GOOD = {"instruction": "Name three primary colours.", "input": "", "output": "Red, yellow and blue."}
 
@@ -42,10 +43,7 @@ def test_bad_row_raises_naming_row_and_field_before_oracle_work(tmp_path, bad, m
 @pytest.fixture(scope="module")
 def short_pairs():
     """The 4 real AlpacaEval pairs with the shortest instruction + answer: the real oracle answers them in seconds."""
-    from reflect_trainer.embedded import load_alpaca_eval
-
-    rows = sorted(load_alpaca_eval(max_answer_words=12), key=lambda r: len(r["instruction"]) + len(r["output"]))
-    return [{"instruction": r["instruction"], "input": "", "output": r["output"]} for r in rows[:4]]
+    return shortest_pairs(4)
 
 
 @pytest.fixture(scope="module")

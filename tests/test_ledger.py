@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 
 from reflect_trainer.ledger import RowLedger, TrainOrder
+from test_support.data import LONGER
 
 FEATURES = {"input_ids": [1, 2, 3, 70000], "labels": [-100, -100, 3, 70000]}
 EXPORT_ROW = {"instruction": "Übersetze: 猫はかわいい 🐈", "input": "", "output": "Die Katze ist süß.",
               "original_output": "x", "recycled_output": None, "ifd_score": 0.25, "trained_version": "recycled",
               "messages": [{"role": "user", "content": "é"}]}
-LONGER = ("Trim the stems, stand them in a glass of fresh water like cut flowers and keep the glass on the counter, "
-          "away from direct sun. Cover the leaves loosely with a plastic bag and change the water every two days. "
-          "Do not refrigerate it: basil leaves turn black below about ten degrees.")
 
 
 # ---- the ledger alone ----------------------------------------------------------------------------------------------
@@ -115,11 +113,11 @@ def test_trainer_keeps_its_ledger_on_disk_and_exports_what_it_trained_on(tmp_pat
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from conftest import ScriptedOracle
     from reflect_trainer import Recycler, ReflectionConfig
-    from reflect_trainer.embedded import tiny_student
     from reflect_trainer.oracles import Generation
     from reflect_trainer.trainer import ReflectionSFTTrainer
+    from test_support.oracles import ScriptedOracle
+    from test_support.students import tiny_student
 
     student = str(tiny_student(tmp_path / "student"))
     data = Dataset.from_list([{"instruction": f"How do I keep basil fresh, friend number {i}?", "input": "",

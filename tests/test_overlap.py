@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CountingOracle
-from reflect_trainer import ReflectionConfig
+from reflect_trainer import InputError, ReflectionConfig
 from reflect_trainer.trainer import ReflectionSFTTrainer
-from test_trainer import sft_config
+from test_support.oracles import CountingOracle
+from test_support.students import sft_config
 
 pytestmark = pytest.mark.slow
 ROWS = 6  # 3 buffers of 2 (batch 2, one micro-batch per buffer)
@@ -80,13 +80,17 @@ def test_auto_overlaps_only_when_the_oracle_has_its_own_compute(tmp_path, oracle
         )
         return trainer._overlap
 
-    from test_http_oracle import FaultyServer
+    from test_support.http_server import FaultyServer
 
     server = FaultyServer()  # the trainer asks a server for its models before it starts
     try:
         assert not wanted()  # CPU student, CPU oracle: the same two cores
         assert wanted(oracle_engine="openai", oracle_base_url=server.url)  # a server does its own work
-        assert wanted(oracle_device="cuda:1")  # another device
+        if torch.cuda.device_count() > 1:
+            assert wanted(oracle_device="cuda:1")  # another device
+        else:  # no second GPU here: refused when the trainer is built (the decision itself: the test below)
+            with pytest.raises(InputError, match="cuda:1"):
+                wanted(oracle_device="cuda:1")
         assert not wanted(overlap="off", oracle_engine="openai", oracle_base_url=server.url)
     finally:
         server.close()

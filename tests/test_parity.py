@@ -23,9 +23,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from conftest import CountingOracle, ScriptedOracle
 from reflect_trainer import ReflectionConfig
 from reflect_trainer.trainer import ReflectionSFTTrainer
+from test_support.oracles import CountingOracle, ScriptedOracle
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent

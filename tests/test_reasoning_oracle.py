@@ -14,18 +14,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import ScriptedOracle
-from datasets import Dataset
 
-from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.cache import cache_key
 from reflect_trainer.oracles import Generation, GenerationSettings
+from test_support.data import LONGER, ORIGINAL
+from test_support.oracles import ScriptedOracle
+from test_support.recycling import recycle as recycle_with
 
-ORIGINAL = {"instruction": "How do I keep basil fresh?", "input": "",
-            "output": "Put the stems in a glass of water on the counter and cover the leaves loosely with a bag."}
-LONGER = ("Trim the stems, stand them in a glass of fresh water like cut flowers and keep the glass on the counter, "
-          "away from direct sun. Cover the leaves loosely with a plastic bag and change the water every two days. "
-          "Do not refrigerate it: basil leaves turn black below about ten degrees.")
 # What a reasoning oracle writes first: drafts with markers in them, half sentences, junk.
 THOUGHT = ("Okay, the user wants a better answer. Draft: [Better Answer] Keep it in water. [End] Hmm, too short. "
            "**New Instruction**: maybe ask about storage? No. Let me also mention the fridge")
@@ -57,9 +52,8 @@ class ThinkingOracle:
 
 
 def recycle(tmp_path, oracle, **config):
-    settings = dict(cache_dir=str(tmp_path / "cache"), mode="response", template_set="paper", progress_bar=False)
-    recycler = Recycler(ReflectionConfig(**{**settings, **config}), oracle=oracle)
-    return recycler.recycle_dataset(Dataset.from_list([ORIGINAL])), recycler
+    config = {"mode": "response", "template_set": "paper", **config}
+    return recycle_with([ORIGINAL], oracle, tmp_path / "cache", **config)
 
 
 # ---- thinking kept out of the fields and the gates, kept in the cache -----------------------------------------

@@ -5,9 +5,10 @@ import logging
 import pytest
 from datasets import IterableDataset
 
-from conftest import CountingOracle
 from reflect_trainer import Recycler, ReflectionConfig, load_data, save_recycled, to_sft_dataset
 from reflect_trainer.parsing import PARSED_BUT_REJECTED, UNPARSED_REASONS
+from test_support.data import short_pairs
+from test_support.oracles import CountingOracle
 
 pytestmark = pytest.mark.slow
 MAX_NEW_TOKENS = 48  # enough to tell loops and echoes from answers; keeps CI's 2 cores busy ~1 minute
@@ -16,15 +17,6 @@ MAX_NEW_TOKENS = 48  # enough to tell loops and echoes from answers; keeps CI's 
 def make_recycler(cache_dir, oracle, **kwargs):
     config = ReflectionConfig(cache_dir=str(cache_dir), max_new_tokens=MAX_NEW_TOKENS, template_set="compact", **kwargs)
     return Recycler(config, oracle=oracle)
-
-
-def short_pairs():
-    """Real pairs whose answers (at most 30 words) can be rewritten within the 48-token budget: with the long
-    answers of the first 16 pairs every rewrite ran into the budget and was rejected as truncated (0% accepted), so
-    the accepted path never ran."""
-    from reflect_trainer.embedded import load_alpaca_eval
-
-    return load_alpaca_eval(limit=20, max_answer_words=30)
 
 
 @pytest.fixture(scope="module")

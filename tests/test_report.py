@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from reflect_trainer import Recycler, ReflectionConfig, load_data, save_recycled, to_sft_dataset
+from reflect_trainer import load_data, save_recycled, to_sft_dataset
 from reflect_trainer.cli import main as cli_main
 from reflect_trainer.report import VERSIONS, render_report, summarize, summary_counts, write_report
 from reflect_trainer.selection import StudentScorer
+from test_support.recycling import recycle as recycle_with
 
 SLOW = pytest.mark.slow  # tests that read the data recycled by the real oracle
 N_PAIRS, MAX_NEW_TOKENS = 6, 24
@@ -45,10 +46,9 @@ def dom_counts(dom: str) -> dict[str, int]:
 
 
 def recycle(data, cache_dir, oracle, mode, scorer=None):
-    config = ReflectionConfig(cache_dir=str(cache_dir), max_new_tokens=MAX_NEW_TOKENS, template_set="compact",
-                              mode=mode, progress_bar=False, on_bad_row="skip", selection_drop=True)
-    recycler = Recycler(config, oracle=oracle, scorer=scorer)
-    return recycler, recycler.recycle_dataset(data)
+    out, recycler = recycle_with(data, oracle, cache_dir, scorer, max_new_tokens=MAX_NEW_TOKENS, template_set="compact",
+                                 mode=mode, on_bad_row="skip", selection_drop=True)
+    return recycler, out
 
 
 @pytest.fixture(scope="module")

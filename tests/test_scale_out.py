@@ -12,6 +12,7 @@ import pytest
 import reflect_trainer
 from reflect_trainer.cli import main
 from reflect_trainer.distributed import Launch, detect_launch, pin_local_gpu, shard_indices
+from test_support.cache_files import records_by_writer
 
 MAX_NEW_TOKENS = 8
 
@@ -22,14 +23,11 @@ def recycle_args(src, out, cache_dir):
 
 
 def stored_keys(cache_dir):
-    """Every record in every segment, by key: how many times each prompt was generated and stored."""
-    keys, writers = Counter(), set()
-    for path in (cache_dir / "segments").glob("*.jsonl"):
-        for line in path.read_bytes().splitlines():
-            if line:
-                keys[json.loads(line.split(b" ", 1)[1])["key"]] += 1
-                writers.add(path.name)
-    return keys, writers
+    """Every record in every segment, by key: how many times each prompt was generated and stored; and the writers
+    that stored any."""
+    by_writer = records_by_writer(cache_dir)
+    keys = Counter(r["key"] for records in by_writer.values() for r in records)
+    return keys, {writer for writer, records in by_writer.items() if records}
 
 
 def test_batches_are_dealt_to_ranks_whole_and_in_turn():

@@ -85,7 +85,7 @@ def test_cli_selective_recycle_scores_with_the_student_given_by_path(oracle_path
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from reflect_trainer.cli import main
-    from reflect_trainer.embedded import load_alpaca_eval
+    from test_support.data import shortest_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(oracle_path)
     torch.manual_seed(0)
@@ -94,10 +94,9 @@ def test_cli_selective_recycle_scores_with_the_student_given_by_path(oracle_path
         num_key_value_heads=4, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
     student.save_pretrained(tmp_path / "student")
     tokenizer.save_pretrained(tmp_path / "student")
-    rows = sorted(load_alpaca_eval(max_answer_words=12), key=lambda r: len(r["instruction"]) + len(r["output"]))[:2]
+    rows = shortest_pairs(2)
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"instruction": r["instruction"], "input": "", "output": r["output"]}) + "\n"
-                            for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
     assert main(["recycle", str(data), "--out", str(out), "--engine", "transformers", "--quantization", "none",
                  "--mode", "selective", "--student", str(tmp_path / "student"), "--templates", "compact",

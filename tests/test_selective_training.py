@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.selection import VERSIONS, PairScores, StudentScorer, score_pairs, select_version
 from reflect_trainer.trainer import ReflectionSFTTrainer
-from test_trainer import sft_config
+from test_support.students import sft_config
 
 pytestmark = pytest.mark.slow
 ROWS = 8

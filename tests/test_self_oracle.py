@@ -2,78 +2,19 @@
 process, with no second model in memory — shown by the process's measured peak memory against a run with a
 separate oracle of the same size.
 
-Each run is its own process (this file, run as a script), so peak memory belongs to one configuration only.
+Each run is its own process (``test_support.self_oracle_probe``), so peak memory belongs to one configuration only.
 """
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from test_support.self_oracle_probe import ROWS
+from test_support.self_oracle_probe import run_probe as run_probe_process
+
 pytestmark = pytest.mark.slow
-ROWS = 4  # two buffers of 2 (batch 1 x 2 micro-batches): the second is recycled after two steps moved the adapter
-
-
-def rss_bytes(field: str) -> int:
-    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, from /proc."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def probe(engine: str, out_dir: str) -> dict:
-    """Train a LoRA student for one epoch with the given oracle engine; measure memory around it."""
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from reflect_trainer import ReflectionConfig
-    from reflect_trainer.embedded import default_oracle_path, load_alpaca_eval
-    from reflect_trainer.trainer import ReflectionSFTTrainer
-    from test_trainer import sft_config
-
-    torch.manual_seed(0)
-    path = str(default_oracle_path())
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    baseline = rss_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now: loading is not measured
-    # The separate oracle is the same model, unquantized: a second copy of exactly the student's size.
-    config = ReflectionConfig(cache_dir=f"{out_dir}/cache", oracle_engine=engine, oracle_model_path=path,
-                              oracle_quantization="none", mode="response", template_set="compact", max_new_tokens=16,
-                              buffer_batches=2, progress_bar=False, release_oracle=False)
-    trainer = ReflectionSFTTrainer(
-        model=model, args=sft_config(Path(out_dir), num_train_epochs=1, learning_rate=1e-3, disable_tqdm=True,
-                                     per_device_train_batch_size=1),
-        train_dataset=load_alpaca_eval(limit=ROWS), processing_class=AutoTokenizer.from_pretrained(path),
-        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-        reflection_config=config,
-    )
-    trainer.train()
-    stats = trainer.recycling_stats()
-    exported = trainer.recycled_dataset()
-    return {"model_bytes": model_bytes, "baseline": baseline, "peak": rss_bytes("VmHWM"),
-            "oracle_prompts": stats["oracle_prompts"], "oracle_tokens": stats["oracle_tokens"],
-            "steps": trainer.state.global_step, "identity": trainer.recycler.oracle_identity,
-            "oracle_is_student": getattr(trainer.recycler.oracle, "model", None) is trainer.model,
-            "raw": list(exported["response_reflection_raw"]), "generated": generated_texts(Path(out_dir) / "cache")}
-
-
-def generated_texts(cache_dir: Path) -> list[str]:
-    """What the oracle generated, as the cache stored it (without the pre-fill the recycler puts before it)."""
-    records = [json.loads(line.split(" ", 1)[1]) for path in (cache_dir / "segments").glob("*.jsonl")
-               for line in path.read_text().splitlines() if line]
-    return sorted(r["raw"] for r in records)  # keys include the oracle's identity: compared as a sorted list
 
 
 def run_probe(engine: str, tmp_path) -> dict:
-    result = subprocess.run([sys.executable, __file__, engine, str(tmp_path / engine)], capture_output=True,
-                            text=True, timeout=900, cwd=Path(__file__).parent)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_probe_process(engine, tmp_path / engine)
 
 
 def test_self_oracle_recycles_and_trains_in_one_process_without_a_second_model(tmp_path):
@@ -100,7 +41,7 @@ def test_self_oracle_needs_a_peft_student(tmp_path, oracle_path, alpaca_pairs):
 
     from reflect_trainer import ReflectionConfig
     from reflect_trainer.trainer import ReflectionSFTTrainer
-    from test_trainer import sft_config
+    from test_support.students import sft_config
 
     with pytest.raises(ValueError, match="needs a PEFT student"):
         ReflectionSFTTrainer(model=AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32),
@@ -116,7 +57,7 @@ def lora_trainer(tmp_path, oracle_path, alpaca_pairs, **reflection):
 
     from reflect_trainer import ReflectionConfig
     from reflect_trainer.trainer import ReflectionSFTTrainer
-    from test_trainer import sft_config
+    from test_support.students import sft_config
 
     return ReflectionSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(oracle_path, dtype=torch.float32), args=sft_config(tmp_path),
@@ -138,12 +79,3 @@ def test_self_oracle_with_a_sharded_student_is_refused_by_the_trainer(tmp_path, 
     monkeypatch.setattr(ReflectionSFTTrainer, "_model_is_sharded", lambda self: True)
     with pytest.raises(ValueError, match="cannot generate with a sharded student"):
         lora_trainer(tmp_path, oracle_path, alpaca_pairs)
-
-
-if __name__ == "__main__":  # a probe run: python test_self_oracle.py ENGINE OUT_DIR
-    import logging
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.disable(logging.WARNING)
-    print(json.dumps(probe(sys.argv[1], sys.argv[2])))

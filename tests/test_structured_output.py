@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.oracles import GenerationSettings
 from reflect_trainer.parsing import UNPARSED_REASONS, split_sections
 from reflect_trainer.structured import SectionFormat, section_format_for
+from test_support.recycling import recycle as recycle_with
 
 TWO = SectionFormat(("New Instruction", "New Answer"))
 OPENED = SectionFormat(("Better Answer",), open_first=True, preamble=False)
@@ -54,9 +54,8 @@ def test_unconstrained_cache_keys_are_unchanged_and_constrained_ones_differ():
 
 
 def recycle(real_oracle, pairs, tmp_path, **config):
-    settings = {"cache_dir": str(tmp_path), "mode": "both", "template_set": "paper", "progress_bar": False, **config}
-    recycler = Recycler(ReflectionConfig(**settings), oracle=real_oracle)
-    return recycler.recycle_dataset(pairs), recycler.stats()
+    out, recycler = recycle_with(pairs, real_oracle, tmp_path, **{"mode": "both", "template_set": "paper", **config})
+    return out, recycler.stats()
 
 
 @pytest.mark.slow

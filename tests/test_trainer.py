@@ -6,11 +6,12 @@ import statistics
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
-from conftest import ScriptedOracle
 from reflect_trainer import BadRowError, ReflectionConfig
 from reflect_trainer.trainer import ReflectionSFTTrainer
+from test_support.oracles import ScriptedOracle
+from test_support.students import sft_config, tiny_student
 
 pytestmark = pytest.mark.slow
 
@@ -24,13 +25,6 @@ class OracleCallsPerEpoch(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.at_epoch_end.append(int(self.trainer.recycling_stats()["oracle_calls"]))
-
-
-def sft_config(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path / "out"), num_train_epochs=2, per_device_train_batch_size=2, max_length=128,
-                learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to="none", bf16=False,
-                gradient_checkpointing=False, use_cpu=True, seed=0)
-    return SFTConfig(**{**base, **overrides})
 
 
 def epoch_losses(trainer):
@@ -158,13 +152,6 @@ def test_qlora_student_in_4bit_with_lora_trains_on_cpu(tmp_path, oracle_path, al
     assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora" not in n)
 
 
-def tiny_student(path, oracle_path):
-    """A 1.6M-parameter Llama with SmolLM2's tokenizer (random weights): for tests of the trainer's bookkeeping."""
-    from reflect_trainer.embedded import tiny_student as save_tiny_student
-
-    return str(save_tiny_student(path))
-
-
 class KilledAfterTrainerState(Exception):
     pass
 
@@ -172,7 +159,7 @@ class KilledAfterTrainerState(Exception):
 def checkpointed_run(tmp_path, oracle_path, alpaca_pairs, rows, save_steps):
     """The two checkpoint tests' setup: a tiny student, ``rows`` real pairs, response mode with one-row buffers,
     a checkpoint every ``save_steps`` steps, and a scripted oracle (the claim is the bookkeeping, not the text)."""
-    student = tiny_student(tmp_path / "student", oracle_path)
+    student = str(tiny_student(tmp_path / "student"))
     data = alpaca_pairs.select(range(rows))
     config = ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", template_set="compact",
                               buffer_batches=1, progress_bar=False)

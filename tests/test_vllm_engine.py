@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_http_oracle import PROMPT, FaultyServer
 
 from reflect_trainer import Recycler, ReflectionConfig
 from reflect_trainer.oracles import ENGINES, GenerationSettings, _engine_module, oracle_identity
@@ -29,6 +28,7 @@ from reflect_trainer.oracles.openai_http import OpenAIHTTPOracle
 from reflect_trainer.oracles.transformers_engine import TransformersOracle, weights_fingerprint
 from reflect_trainer.oracles.vllm_engine import VLLMOracle, identity_for
 from reflect_trainer.structured import SectionFormat
+from test_support.http_server import PROMPT, FaultyServer
 
 PREFILLED = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "[Better Answer] "}]
 PLAIN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]

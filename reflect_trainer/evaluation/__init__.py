@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from ..oracles import ENGINES, GenerationSettings, load_oracle
+from ..text import request_text
 from .ifeval import ifeval_prompts, load_verifier, score_ifeval
 from .pairwise import judge_pairs, similar_length, summarize
 
@@ -47,7 +48,7 @@ def load_questions(source: str = "vicuna", limit: int | None = None) -> list[str
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{source}: row {i}, field {column!r} is empty or not a string; fix or drop that row")
         if column == "instruction" and row.get("input"):
-            text = f"{text}\n\n{row['input']}"  # the paper's pre-processing: the Alpaca input joins the instruction
+            text = request_text(text, row["input"])  # the paper's pre-processing: the input joins the instruction
         questions.append(text)
     return questions
 

@@ -126,6 +126,14 @@ def _engine_module(engine: str):
     return importlib.import_module(module_name), class_name
 
 
+def known_engine(engine: str, base_url: str | None) -> str:
+    """The engine as far as it is known without looking at the machine: an explicit one, ``openai`` for ``"auto"``
+    with a server URL, else ``"auto"`` (the first step of :func:`resolve_engine`; what config checks can use)."""
+    if engine == "auto" and base_url:
+        return "openai"
+    return engine
+
+
 def resolve_engine(engine: str, model_path: str | None, device: str | None, base_url: str | None = None
                    ) -> tuple[str, str]:
     """``(engine, why)``: what ``oracle_engine="auto"`` means here; an explicit engine always wins.
@@ -138,7 +146,7 @@ def resolve_engine(engine: str, model_path: str | None, device: str | None, base
 
     if engine != "auto":
         return engine, "set explicitly"
-    if base_url:
+    if known_engine(engine, base_url) == "openai":
         return "openai", "oracle_base_url names a server"
     if model_path is None:
         return "transformers", "the embedded default oracle"

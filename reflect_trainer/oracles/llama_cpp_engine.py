@@ -27,14 +27,14 @@ import numpy as np
 from ..structured import SectionFormat
 from . import Conversation, Generation, GenerationSettings, finished
 from .decoding import banned_tokens
+from .section_budget import (FORCE, HOLD, MIN_SECTION_TOKENS, PREAMBLE_SHARE,  # noqa: F401
+                             SectionBudget, SequenceBudget)
 from ..fingerprint import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'reflect-trainer[llama-cpp]' (builds from source) or bash scripts/build_llama_cpp.sh"
 MIN_PREFIX_TOKENS = 8  # a shared prefix shorter than this is decoded with each prompt
-PREAMBLE_SHARE = 0.35  # structured output: most of max_new_tokens the critique may use
-MIN_SECTION_TOKENS = 4  # structured output: kept free for each section still to write
 
 
 def _llama_cpp():
@@ -78,56 +78,46 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     text: bytes = b""
     feed: list[int] = field(default_factory=list)  # generated, not yet fed to the model
-    part: int = -1  # structured output: markers written so far, and that part's start and token budget
-    part_start: int = 0
-    part_budget: int = 0
+    budget: SequenceBudget = field(default_factory=SequenceBudget)  # structured output: the section budget's state
+    hold: bool = False  # structured output: the open section is empty, so it must not be closed or ended yet
 
 
 class _SectionBudget:
-    """Token budgets for structured output.
+    """The llama.cpp adapter of the section budget (:mod:`reflect_trainer.oracles.section_budget`).
 
-    The grammar keeps an output in shape but cannot count tokens: a small oracle writes its critique until
-    ``max_new_tokens`` runs out and never opens a section. So the engine forces the next marker when the current part
-    has used its share (the critique: ``PREAMBLE_SHARE``; a section: an equal share of what is free when it opens;
-    the gap between sections: nothing), or when the tokens left only just fit the markers still to come. The
-    transformers engine's logits processor follows the same rule.
+    The grammar keeps the markers in order, so counting them tells where an output is. The budget forces the next
+    marker (the grammar accepts it); while the open section is empty the sequence is held (``seq.hold``): the sampler
+    bans end-of-generation and every token with ``[``, so the model can neither close the section empty nor stop.
     """
 
     def __init__(self, fmt: SectionFormat, tokenize, max_new_tokens: int):
-        self.markers: list[str] = []
-        for i, name in enumerate(fmt.sections):
-            if not (i == 0 and fmt.open_first):
-                self.markers.append("\n" + fmt.marker(name))
-            self.markers.append(fmt.marker(fmt.end_marker))
-        self.opens = [m.startswith("\n") for m in self.markers]
-        self.tokens = [tokenize(m) for m in self.markers]
-        self.regex = re.compile("|".join(re.escape(m.strip()) for m in set(self.markers)))
-        self.preamble = fmt.preamble
-        self.max_new = max_new_tokens
+        opens = [tokenize("\n" + fmt.marker(name)) for name in fmt.sections]
+        self.machine = SectionBudget(fmt, opens, tokenize(fmt.marker(fmt.end_marker)), max_new_tokens)
+        texts = {"\n" + fmt.marker(n) for i, n in enumerate(fmt.sections) if not (i == 0 and fmt.open_first)}
+        texts.add(fmt.marker(fmt.end_marker))
+        self.regex = re.compile("|".join(re.escape(m.strip()) for m in texts))
         #: Request positions of sequences whose section text a budget cut (their finish reason is ``length``).
         self.cut: set[int] = set()
 
-    def _reserve(self, k: int) -> int:
-        return sum(len(t) for t in self.tokens[k:]) + MIN_SECTION_TOKENS * sum(self.opens[k:])
-
     def due(self, seq: _Sequence) -> list[int]:
-        """Tokens to force into ``seq`` now; empty while the model may write on."""
-        # The grammar only lets a marker appear where it belongs, so counting them tells where the output is.
-        k = len(self.regex.findall(seq.text.decode("utf-8", "ignore")))
-        if k >= len(self.markers):
+        """Tokens to force into ``seq`` now; empty while the model may (or, held, must) write on."""
+        text = seq.text.decode("utf-8", "ignore")
+        markers = list(self.regex.finditer(text))
+        k = len(markers)
+        section_text = text[markers[-1].end():] if markers else text
+        action, tokens = self.machine.step(seq.budget, k, len(seq.tokens), section_text)
+        seq.hold = action == HOLD
+        if action != FORCE:
             return []
-        n = len(seq.tokens)
-        if k != seq.part:
-            seq.part, seq.part_start = k, n
-            if self.opens[k]:
-                seq.part_budget = int(PREAMBLE_SHARE * self.max_new) if k == 0 and self.preamble else 0
-            else:
-                seq.part_budget = (self.max_new - n - self._reserve(k)) // (1 + sum(self.opens[k:]))
-        if self.max_new - n <= self._reserve(k) or n - seq.part_start >= seq.part_budget:
-            if not self.opens[k]:
-                self.cut.add(seq.index)  # closing a section the model was still writing
-            return self.tokens[k]
-        return []
+        if self.machine.in_section(k):
+            self.cut.add(seq.index)  # closing a section the model was still writing
+        return tokens
+
+    def holds(self, seq: _Sequence) -> bool:
+        """After a forced marker: whether the section it opened must be written into before it may close."""
+        text = seq.text.decode("utf-8", "ignore")
+        markers = list(self.regex.finditer(text))
+        return self.machine.must_not_close(len(markers), text[markers[-1].end():] if markers else text)
 
 
 class LlamaCppOracle:
@@ -172,6 +162,7 @@ class LlamaCppOracle:
             raise ValueError(f"llama.cpp could not load {path} (not a GGUF file, or an architecture it does not know)")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self._held: set[int] | None = None  # tokens a held sequence may not write (see _hold_banned)
 
         self.params = params = lib.llama_context_default_params()
         if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -282,6 +273,8 @@ class LlamaCppOracle:
         # No-repeat n-gram (oracles/decoding.py): only when the last n-1 tokens were written before is anything
         # banned; then pick from the masked logits, as for the grammar below, and tell the chain what was picked.
         banned = banned_tokens(seq.tokens, self._no_repeat) if self._no_repeat else set()
+        if seq.hold:  # structured output: an empty section may be neither closed nor ended (see _SectionBudget)
+            banned = banned | self._hold_banned()
         if banned:
             token = self._pick(seq, k, banned)
             lib.llama_sampler_accept(seq.sampler, token)
@@ -294,6 +287,14 @@ class LlamaCppOracle:
         if not lib.llama_vocab_is_eog(self.vocab, token):  # end-of-generation is only allowed once it is complete
             lib.llama_sampler_accept(seq.grammar, token)
         return token
+
+    def _hold_banned(self) -> set[int]:
+        """End-of-generation tokens and every token with ``[``: what a held sequence may not write (computed once)."""
+        if self._held is None:
+            lib = self._lib
+            self._held = {t for t in range(self.n_vocab)
+                          if b"[" in self._piece(t) or lib.llama_vocab_is_eog(self.vocab, t)}
+        return self._held
 
     def _pick(self, seq: _Sequence, k: int, banned: set[int]) -> int:
         """The sampler chain's pick over the whole vocabulary, ``banned`` tokens masked, the grammar applied."""
@@ -404,7 +405,10 @@ class LlamaCppOracle:
                 if not done:
                     self._append(seq, token)
                     if budget is not None:
-                        self._force(seq, budget.due(seq))
+                        forced = budget.due(seq)
+                        if forced:
+                            self._force(seq, forced)
+                            seq.hold = budget.holds(seq)  # a section just opened is empty: held until written in
                     hit_budget = len(seq.tokens) >= settings.max_new_tokens or seq.pos + len(seq.feed) >= room
                     done = hit_budget or any(s in seq.text[-stop_window:].decode("utf-8", "ignore")
                                              for s in settings.stop)

@@ -2,12 +2,11 @@
 
 Grammar engines forbid tokens; this processor lets the model write freely and steps in only when the format is at
 risk. It decodes each sequence's text so far, works out where it is in the format (critique, inside section *i*,
-between sections, done) with the parser's own marker regex, and forces the next marker when
-
-* the model wants to stop (end-of-sequence is its top choice) before the last section is closed,
-* the current part has used its token budget (critique: ``preamble_share`` of ``max_new_tokens``; a section: an
-  equal share of what is left when it opens), or
-* the tokens left are only just enough to open and close the remaining sections.
+between sections, done) with the parser's own marker regex, and asks the section budget
+(:class:`~reflect_trainer.oracles.section_budget.SectionBudget`, shared with the llama.cpp engine) what to do. It
+forces the next marker when the model wants to stop (end-of-sequence is its top choice) before the last section is
+closed, when the current part has used its token budget, or when the tokens left only just fit the remaining
+markers.
 
 After the last ``[End]`` it forces end-of-sequence. Until the model has written something into a section, it can
 neither end the sequence nor write a token with ``[`` (which could close the section empty): an empty section would
@@ -22,17 +21,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor
 
-from ..parsing import is_empty_field, marker_regex
+from ..parsing import marker_regex
 from ..structured import SectionFormat
-
-MIN_SECTION_TOKENS = 4  # reserved for each section still to write: enough for a few words
+from .section_budget import DONE, FORCE, HOLD, MIN_SECTION_TOKENS, SectionBudget, SequenceBudget  # noqa: F401
 
 
 @dataclass
-class _SequenceState:
-    part: tuple[str, int] | None = None  # ("pre" | "in" | "after", section index); None before the first step
-    part_started_at: int = 0  # generated tokens when the part began
-    part_budget: int = 0
+class _SequenceState(SequenceBudget):
     forced: list[int] = field(default_factory=list)  # token ids still to force, in order
 
 
@@ -63,6 +58,9 @@ class SectionFormatProcessor(LogitsProcessor):
 
         self._open = [encode(f"\n{section_format.marker(n)} ") for n in section_format.sections]
         self._close = encode(f" {section_format.marker(section_format.end_marker)}")
+        # The end-of-sequence forced after the last [End] is one more token to keep free.
+        self.budget = SectionBudget(section_format, self._open, self._close, max_new_tokens, tail_tokens=1,
+                                    preamble_share=preamble_share)
         self._bracket_ids = [i for token, i in tokenizer.get_vocab().items() if "[" in token]
         self._states: list[_SequenceState] = []
         #: Rows whose section text was cut because a budget ran out (their finish reason is ``length``).
@@ -85,13 +83,6 @@ class SectionFormatProcessor(LogitsProcessor):
             return ("done", part[1])
         return part
 
-    def _tokens_to_finish(self, part: tuple[str, int]) -> int:
-        """Tokens needed to close the current part and write every later section minimally."""
-        kind, index = part
-        later = range(index + 1, len(self.format.sections))
-        need = sum(len(self._open[i]) + MIN_SECTION_TOKENS + len(self._close) for i in later)
-        return need + (len(self._close) if kind == "in" else 0)
-
     # ---- the processor ----------------------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self._states:
@@ -103,25 +94,16 @@ class SectionFormatProcessor(LogitsProcessor):
                 continue
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             part = self._locate(text)
-            used, left = len(ids), self.max_new_tokens - len(ids)
-            if part != state.part:  # a new part began: give it its budget
-                state.part, state.part_started_at = part, used
-                if part[0] == "pre":
-                    state.part_budget = int(self.preamble_share * self.max_new_tokens)
-                elif part[0] == "in":
-                    sections_left = len(self.format.sections) - part[1]
-                    state.part_budget = max(MIN_SECTION_TOKENS, (left - self._tokens_to_finish(part)) // sections_left)
-            if part[0] == "done":
-                self._force(scores, row, self.eos_token_ids[0])
-                continue
+            k = self.budget.part_of(*part)
+            section_text = text[self._section_start(text) :] if self.budget.in_section(k) else ""
             wants_to_stop = int(scores[row].argmax()) in self.eos_token_ids
-            over_budget = used - state.part_started_at >= state.part_budget
-            no_room = left <= self._tokens_to_finish(part) + 1
-            if part[0] == "in" and is_empty_field(text[self._section_start(text) :]):
+            action, _ = self.budget.step(state, k, len(ids), section_text, wants_to_stop)
+            if action == DONE:
+                self._force(scores, row, self.eos_token_ids[0])
+            elif action == HOLD:
                 # An empty section would not parse; "empty" is the parser's rule (markup or "N/A" count as empty).
                 scores[row, self.eos_token_ids + self._bracket_ids] = -float("inf")
-                continue
-            if part[0] == "after" or wants_to_stop or over_budget or no_room:
+            elif action == FORCE:
                 if part[0] == "in" and not wants_to_stop:
                     self.cut_rows.add(row)  # the section is closed mid-text by the budget, not by the model
                 state.forced = self._next_markers(part)
