@@ -32,7 +32,7 @@ faults: setup
 	OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/faults_http.py
 	OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/faults_real.py
 
-# The compatibility job: the parity tests at the other end of each declared dependency range (transformers 5.25; trl
+# The compatibility job: the parity tests at the other end of each declared dependency range (transformers 5.18 and 5.25; trl
 # 1.15 cannot train on a CPU-only torch, so only trl 1.16 is declared), each laid over .venv with `pip install --no-deps --target` (scripts/compat.sh); FutureWarning is an error.
 compat: setup
 	bash scripts/compat.sh

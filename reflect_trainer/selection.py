@@ -164,7 +164,7 @@ def student_identity(model) -> str:
     from .fingerprint import weights_fingerprint
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+    name = getattr(base.config, "name_or_path", "") or type(base).__name__
     path = Path(name)
     weights = weights_fingerprint(path) if path.is_dir() else name
     quantized = "4bit" if getattr(base, "is_loaded_in_4bit", False) else "8bit" if getattr(

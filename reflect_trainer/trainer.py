@@ -24,7 +24,6 @@ buffer trains; the recycler is never used by two threads at once.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -46,6 +45,9 @@ from .ledger import RowLedger, TrainOrder
 from .oracles import Oracle, resolve_engine
 from .recycler import Recycler
 from .sampling import loader_sampler, rank_batches, record_order
+from .trl_bridge import (TrainerHooks, check_prepared_columns, check_signature_columns, check_trl, missing_row_id,
+                         prepare_buffer)
+from .schema import oracle_tokens_per_s
 from .selection import StudentScorer
 
 logger = logging.getLogger(__name__)
@@ -79,27 +81,6 @@ def _as_sft_config(args, model) -> SFTConfig:
     return copy.copy(args)
 
 
-@contextlib.contextmanager
-def _per_buffer_preparation():
-    """TRL's preparation, called from one rank's collator: no cross-rank barrier, no progress bars.
-
-    ``_prepare_dataset`` runs under ``global_then_local_main_first`` (barriers meant for ``__init__``, where every
-    rank prepares together); per buffer, ranks prepare different rows at different times, so a barrier would hang.
-    """
-    import datasets
-    import trl.trainer.sft_trainer as sft
-
-    barrier, bars = sft.global_then_local_main_first, datasets.is_progress_bar_enabled()
-    sft.global_then_local_main_first = contextlib.nullcontext
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        sft.global_then_local_main_first = barrier
-        if bars:
-            datasets.enable_progress_bars()
-
-
 def _row_key(row: dict) -> str:
     """A streamed row's identity: the hash of its content (positions change when a stream is reshuffled)."""
     return hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -116,7 +97,7 @@ def _device(device) -> tuple[str, int]:
     return d.type, torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
 
 
-class ReflectionSFTTrainer(SFTTrainer):
+class ReflectionSFTTrainer(TrainerHooks, SFTTrainer):
     """``SFTTrainer`` on data recycled by Reflection-Tuning, lazily, during epoch 1.
 
     Args:
@@ -133,13 +114,16 @@ class ReflectionSFTTrainer(SFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "reflection-tuning"]
+    extra_signature_columns = (ROW,)  # the Trainer must not prune the row id (trl_bridge.TrainerHooks)
     _name = "ReflectionSFT"
-    _evaluating = False
+    _evaluating = False  # in evaluate(): its logs are SFTTrainer's
+    _in_evaluation_loop = False  # in evaluate() or predict(): batches are SFTTrainer's, with no row id
 
     def __init__(self, model, args: SFTConfig | TrainingArguments | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, *,
                  reflection_config: ReflectionConfig | None = None, oracle: Oracle | None = None, **kwargs):
         (reflection_config or ReflectionConfig()).check_before_training(train_dataset, args, oracle, kwargs)
+        check_trl(type(self))  # the TRL/transformers internals we rely on are the tested ones (trl_bridge)
         from datasets import Dataset, IterableDataset
 
         if train_dataset is None:
@@ -185,6 +169,8 @@ class ReflectionSFTTrainer(SFTTrainer):
             ensure_chat_template(getattr(processing_class, "tokenizer", processing_class))
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=self._trl_rows(eval_dataset), processing_class=processing_class, **kwargs)
+        check_prepared_columns(self.train_dataset, ROW)
+        check_signature_columns(self, ROW)
         self.data_collator = _RecyclingCollator(self.data_collator, self)
         device = config.oracle_device
         if device is None and self.accelerator.device.type == "cuda":
@@ -202,7 +188,7 @@ class ReflectionSFTTrainer(SFTTrainer):
             oracle = self._self_oracle()
         scorer = None
         if config.mode == "selective":
-            scorer = StudentScorer(self.model, self._tokenizer, batch_size=config.selection_batch_size,
+            scorer = StudentScorer(self.model, self._text_tokenizer(), batch_size=config.selection_batch_size,
                                    max_length=self.args.max_length or 1024, lockstep=self._model_is_sharded())
         self.recycler = Recycler(self.reflection_config, oracle=oracle, scorer=scorer)
         self.recycler.record_skipped(self._skipped)
@@ -291,7 +277,7 @@ class ReflectionSFTTrainer(SFTTrainer):
         if self._model_is_sharded():
             raise ValueError("oracle_engine='self' cannot generate with a sharded student (ZeRO-3/FSDP): ranks "
                              "generate out of step. Use ZeRO-2, or a separate oracle.")
-        return SelfOracle(self.model, self._tokenizer, batch_size=self.reflection_config.oracle_batch_size)
+        return SelfOracle(self.model, self._text_tokenizer(), batch_size=self.reflection_config.oracle_batch_size)
 
     def _overlap_wanted(self) -> bool:
         """Overlap only pays when the oracle does not compete with the student for the same compute."""
@@ -307,10 +293,9 @@ class ReflectionSFTTrainer(SFTTrainer):
         return c.oracle_engine in ("transformers", "llama_cpp") and _device(c.oracle_device) != _device(
             self.accelerator.device)
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if ROW not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, ROW]
+    def _text_tokenizer(self):
+        """``processing_class``, or a processor's ``tokenizer``: what the self-oracle and the scorer encode with."""
+        return getattr(self.processing_class, "tokenizer", self.processing_class)
 
     # ---- data: the Trainer's own loader, with a look-ahead into its order ------------------------------------
     def get_train_dataloader(self):
@@ -458,9 +443,7 @@ class ReflectionSFTTrainer(SFTTrainer):
         if self._alpaca_conversation:
             features = None  # the prompt/completion columns were added after the source was read
         data = Dataset.from_list(rows, features=features)
-        with _per_buffer_preparation():
-            prepared = self._prepare_dataset(data, self.processing_class, self._buffer_args, False,
-                                             self._formatting_func, "recycled")
+        prepared = prepare_buffer(self, data, self._buffer_args, self._formatting_func)
         return {r[ROW]: {"input_ids": r["input_ids"], "labels": r["labels"]}
                 for r in prepared.select_columns([ROW, "input_ids", "labels"])}
 
@@ -500,8 +483,7 @@ class ReflectionSFTTrainer(SFTTrainer):
     # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list. Every
     # rank's list is on disk (written whole: temporary file, then rename) before the Trainer writes
     # trainer_state.json, its last file: a checkpoint a kill -9 left with a trainer state has every list.
-    def _save_checkpoint(self, model, trial):
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+    def save_checkpoint_extras(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"reflect_trained-{self.accelerator.process_index}.json")
         with open(path + ".tmp", "w") as f:
@@ -510,7 +492,6 @@ class ReflectionSFTTrainer(SFTTrainer):
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
         self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
 
     # Read here, not in a hook of the training loop: resumed from its last checkpoint (a run killed while it saved
     # the model or exported), the loop runs no epoch, and the export must still hold every row trained.
@@ -608,6 +589,13 @@ class ReflectionSFTTrainer(SFTTrainer):
         finally:
             self._evaluating = False
 
+    def evaluation_loop(self, *args, **kwargs):
+        self._in_evaluation_loop = True
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self._in_evaluation_loop = False
+
     # ---- results and logs ----------------------------------------------------------------------------------------
     def recycled_dataset(self, include_dropped: bool = False):
         """Exactly the rows trained on (by any rank), in source order (streams: in the order first trained).
@@ -669,8 +657,7 @@ class ReflectionSFTTrainer(SFTTrainer):
         for phase in ("instruction_reflection", "response_reflection"):
             if summed[f"{phase}/total"]:
                 summed[f"{phase}/accept_rate"] = summed[f"{phase}/accepted"] / summed[f"{phase}/total"]
-        if summed["oracle_seconds"]:
-            summed["oracle_tokens_per_s"] = summed["oracle_tokens"] / summed["oracle_seconds"]
+        summed["oracle_tokens_per_s"] = oracle_tokens_per_s(summed)
         logs.update({f"recycle/{k}": v for k, v in summed.items()})
         super().log(logs, start_time)
 
@@ -684,7 +671,9 @@ class _RecyclingCollator:
 
     def __call__(self, features: list[dict]):
         if not features or ROW not in features[0]:
-            return self.inner(features)
+            if not self.trainer._in_evaluation_loop:
+                raise missing_row_id(ROW)  # never train quietly on rows that were not recycled
+            return self.inner(features)  # evaluation: SFTTrainer's batches, as they are
         rows = [f[ROW] for f in features]
         t = self.trainer
         features = t._stream_features(rows, features) if t._streaming else t._features_for(rows, features)

@@ -280,7 +280,7 @@ def dry_run(env: Path, requirements: list[str], tmp_path: Path) -> subprocess.Co
         capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("transformers_version", ["5.23.0", "5.25.0"])  # the suite's, and make compat's
+@pytest.mark.parametrize("transformers_version", ["5.18.0", "5.23.0", "5.25.0"])  # the suite's, and make compat's
 def test_installing_into_a_trl_environment_changes_nothing_and_pulls_no_deepspeed_or_bitsandbytes(
         tmp_path, transformers_version):
     from importlib.metadata import version

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,23 +50,6 @@ def length_batches(lengths: list[int], max_new_tokens: int, batch_tokens: int, b
             batches.append([])
         batches[-1].append(i)
     return batches
-
-
-@contextmanager
-def outside_zero3_init():
-    """Load a model whole even while a ZeRO-3 run is active.
-
-    transformers partitions every ``from_pretrained`` under ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig``
-    with stage 3 is alive. The oracle must not be partitioned: each rank generates on its own, out of lockstep.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def identity_for(model_path: str, quantization: str = "auto", device: str | None = None, revision: str | None = None,
@@ -146,6 +128,8 @@ class TransformersOracle:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         else:
             kwargs["dtype"] = torch.bfloat16 if on_cuda else torch.float32
+        from ..trl_bridge import outside_zero3_init
+
         with outside_zero3_init():
             self.model = AutoModelForCausalLM.from_pretrained(path, device_map={"": self.device}, **kwargs)
         self.model.eval()

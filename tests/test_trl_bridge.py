@@ -1,0 +1,144 @@
+"""Every private name of TRL/transformers the trainer relies on is touched in ``trl_bridge`` only, and checked: changed
+the way a TRL release could change it, building (or training) the trainer fails with an error that names the
+installed and the tested versions, instead of training on the wrong rows or hanging."""
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTTrainer
+
+from reflect_trainer import ReflectionConfig
+from reflect_trainer.trainer import ROW, ReflectionSFTTrainer
+from reflect_trainer.trl_bridge import TRLIncompatibleError
+from test_support.oracles import ScriptedOracle
+from test_support.students import sft_config, tiny_student
+
+PACKAGE = Path(__file__).resolve().parents[1] / "reflect_trainer"
+PRIVATE_NAMES = {"_prepare_dataset", "global_then_local_main_first", "_set_signature_columns_if_needed",
+                 "_signature_columns", "_save_checkpoint", "_get_output_dir", "_hf_deepspeed_config_weak_ref",
+                 "_name_or_path", "_tokenizer"}
+PAIRS = [{"instruction": f"Name a colour number {i}.", "input": "", "output": f"Colour {i} is red."} for i in range(4)]
+
+
+def test_no_module_but_the_bridge_touches_a_private_name_of_trl_or_transformers():
+    touched = {}
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        names |= {node.value for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        names |= {node.name for node in ast.walk(tree)  # an override is a touch too (our own `_tokenizer()` is not)
+                  if isinstance(node, ast.FunctionDef) and node.name in ("_set_signature_columns_if_needed",
+                                                                         "_save_checkpoint")}
+        for name in names & PRIVATE_NAMES:
+            touched.setdefault(name, []).append(path.relative_to(PACKAGE).as_posix())
+        if "checkpoint-" in path.read_text():  # the Trainer's folder name: PREFIX_CHECKPOINT_DIR, not a copy
+            touched.setdefault("checkpoint-", []).append(path.relative_to(PACKAGE).as_posix())
+    elsewhere = {name: paths for name, paths in touched.items() if set(paths) - {"trl_bridge.py"}}
+    assert not elsewhere
+    assert set(touched) >= PRIVATE_NAMES - {"_name_or_path", "_tokenizer"}  # (the public names replaced these two)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return str(tiny_student(tmp_path_factory.mktemp("student")))
+
+
+def build(student, tmp_path, **args):
+    oracle = ScriptedOracle(lambda c: "[Better Answer] A colour. [End]")
+    return ReflectionSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(student), args=sft_config(tmp_path, **args),
+        train_dataset=Dataset.from_list(PAIRS), processing_class=AutoTokenizer.from_pretrained(student),
+        reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", progress_bar=False),
+        oracle=oracle)
+
+
+def assert_names_versions(err, what):
+    from importlib.metadata import version
+
+    message = str(err.value)
+    assert what in message
+    assert f"trl {version('trl')}" in message and f"transformers {version('transformers')}" in message
+    assert "tested: trl 1.16, transformers 5.18 to 5.25" in message
+
+
+def test_the_tested_versions_build_and_train_with_the_row_id_kept(student, tmp_path):
+    trainer = build(student, tmp_path, max_steps=1, num_train_epochs=1)
+    assert ROW in trainer.train_dataset.column_names and ROW in trainer._signature_columns
+    trainer.train()
+    assert trainer.recycling_stats()["rows_recycled"] == len(PAIRS)  # the look-ahead buffer (8 batches) holds all
+
+
+def test_a_renamed_barrier_is_an_error_naming_versions(student, tmp_path, monkeypatch):
+    import trl.trainer.sft_trainer as sft
+
+    monkeypatch.delattr(sft, "global_then_local_main_first")
+    with pytest.raises(TRLIncompatibleError) as err:
+        build(student, tmp_path)
+    assert_names_versions(err, "global_then_local_main_first")
+
+
+def test_prepare_dataset_with_a_new_required_parameter_is_an_error_naming_versions(student, tmp_path, monkeypatch):
+    original = SFTTrainer._prepare_dataset
+
+    def with_a_new_parameter(self, dataset, processing_class, args, packing, formatting_func, dataset_name, new):
+        return original(self, dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", with_a_new_parameter)
+    with pytest.raises(TRLIncompatibleError) as err:
+        build(student, tmp_path)
+    assert_names_versions(err, "_prepare_dataset")
+    assert "new" in str(err.value)  # the signature found is shown
+
+
+def test_prepare_dataset_that_prunes_extra_columns_is_an_error_naming_versions(student, tmp_path, monkeypatch):
+    original = SFTTrainer._prepare_dataset
+
+    def pruning(self, dataset, *args, **kwargs):
+        prepared = original(self, dataset, *args, **kwargs)
+        return prepared.remove_columns([c for c in prepared.column_names if c.startswith("_")])
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", pruning)
+    assert list(inspect.signature(pruning).parameters)[:2] == ["self", "dataset"]
+    with pytest.raises(TRLIncompatibleError) as err:
+        build(student, tmp_path)
+    assert_names_versions(err, f"dropped the column {ROW!r}")
+
+
+def test_signature_columns_under_another_name_is_an_error_naming_versions(student, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    def renamed(self):
+        self._model_input_columns = ["input_ids", "labels"]  # a release that renames the attribute
+
+    monkeypatch.setattr(SFTTrainer, "_set_signature_columns_if_needed", renamed)
+    monkeypatch.setattr(Trainer, "_signature_columns", None, raising=False)
+    with pytest.raises(TRLIncompatibleError) as err:
+        build(student, tmp_path)
+    assert_names_versions(err, "_signature_columns")
+
+
+def test_a_training_batch_without_its_row_id_raises_and_an_eval_batch_passes(student, tmp_path):
+    trainer = build(student, tmp_path)
+    bare = [{"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1]}]
+    with pytest.raises(TRLIncompatibleError) as err:
+        trainer.data_collator(bare)
+    assert_names_versions(err, f"without its {ROW!r} column")
+    trainer._in_evaluation_loop = True  # what evaluate() and predict() set
+    batch = trainer.data_collator(bare)
+    assert batch["input_ids"].tolist() == [[1, 2, 3]]
+
+
+def test_a_checkpoint_folder_other_than_ours_is_an_error_not_a_resume_that_misses_rows(student, tmp_path, monkeypatch):
+    import transformers.trainer
+
+    monkeypatch.setattr(transformers.trainer, "PREFIX_CHECKPOINT_DIR", "ckpt")  # a release with another layout
+    trainer = build(student, tmp_path, max_steps=1, num_train_epochs=1, save_strategy="steps", save_steps=1)
+    with pytest.raises(TRLIncompatibleError) as err:
+        trainer.train()
+    assert_names_versions(err, "saved its checkpoint elsewhere")
+    assert (tmp_path / "out" / "ckpt-1" / transformers.trainer.TRAINER_STATE_NAME).is_file()
