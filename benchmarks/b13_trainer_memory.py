@@ -108,16 +108,16 @@ def main() -> None:
             # The rest of epoch 1 without the student's steps: every other row recycled and prepared, one buffer at a
             # time, as the collator does (private hook: this measures the trainer's bookkeeping, not an API).
             size = args.batch * config.buffer_batches
-            rows = [r for r in range(len(data)) if r not in trainer._prepared]
+            rows = [r for r in range(len(data)) if r not in trainer.rows.prepared]
             for i in range(0, len(rows), size):
-                trainer._materialize(rows[i : i + size])
+                trainer.rows.materialize(rows[i : i + size])
             figures["rss_after_whole_share_mb"] = rss_mb()
-            figures["rows_in_ledger"] = sum(1 for r in range(len(data)) if r in trainer._prepared)
+            figures["rows_in_ledger"] = sum(1 for r in range(len(data)) if r in trainer.rows.prepared)
             figures["growth_first_buffer_to_whole_share_mb"] = round(
                 figures["rss_after_whole_share_mb"] - figures["rss_after_first_buffer_mb"], 1)
             figures["whole_share_s"] = round(time.perf_counter() - start - figures["run_s"], 1)
-        if hasattr(trainer._prepared, "file_bytes"):  # the ledger's file (absent before the ledger existed)
-            figures["ledger_file_mb"] = (trainer._prepared.file_bytes + trainer._exported.file_bytes) / MB
+        if hasattr(trainer.rows.prepared, "file_bytes"):  # the ledger's file (absent before the ledger existed)
+            figures["ledger_file_mb"] = (trainer.rows.prepared.file_bytes + trainer.rows.exported.file_bytes) / MB
         for name, value in figures.items():
             if isinstance(value, float):
                 figures[name] = round(value, 1)

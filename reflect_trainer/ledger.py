@@ -18,6 +18,7 @@ This module imports nothing from the package (a layer that can be tested alone).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -253,3 +254,28 @@ class TrainOrder:
             return iter(list(self._ordered))
         rows = np.flatnonzero(self._first >= 0)
         return iter(rows[np.argsort(self._first[rows], kind="stable")].tolist())
+
+    # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list in the
+    # checkpoint. Written whole (temporary file, fsync, then rename): the caller makes every rank's list durable
+    # before the Trainer writes trainer_state.json, its last file, so a checkpoint a kill -9 left with a trainer
+    # state has every list.
+    @staticmethod
+    def _path(folder: str, rank: int) -> str:
+        return os.path.join(folder, f"reflect_trained-{rank}.json")
+
+    def save(self, folder: str, rank: int) -> None:
+        os.makedirs(folder, exist_ok=True)
+        path = self._path(folder, rank)
+        with open(path + ".tmp", "w") as f:
+            json.dump(list(self), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+    def load(self, folder: str, rank: int) -> None:
+        """Add the rows a checkpoint's list holds (none when it has no list: a run resumed from a plain one)."""
+        path = self._path(folder, rank)
+        if os.path.isfile(path):
+            with open(path) as f:
+                for row in json.load(f):
+                    self.add(row)

@@ -257,6 +257,17 @@ class Recycler:
             self._oracle.close()
             self._oracle = None
 
+    def expect_rows(self, n: int) -> None:
+        """``n`` rows are coming (the progress bar's total, with an ETA); the first figure known stands."""
+        if self.expected_rows is None and n:
+            self.expected_rows = n
+
+    def join_collective_scoring(self) -> None:
+        """A rank with no row to recycle in a buffer still joins a lockstep scorer's call: under ZeRO-3 the
+        student's forward passes are collective, and its peers wait for this rank."""
+        if self.scorer is not None and self.scorer.lockstep:
+            self.scorer.score([])
+
     def stats(self) -> dict[str, float]:
         out = self._stats.as_dict()
         # The cache's health, next to the takeovers: both should stay 0.

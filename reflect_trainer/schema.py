@@ -86,3 +86,25 @@ def oracle_tokens_per_s(stats: dict) -> float:
     """The ``oracle_tokens_per_s`` counter: ``oracle_tokens`` over ``oracle_seconds`` (0 before any oracle call)."""
     seconds = stats.get("oracle_seconds", 0)
     return stats.get("oracle_tokens", 0) / seconds if seconds else 0.0
+
+
+# Counters summed over ranks for the Trainer's log (duplicates stay per rank, in the stats).
+LOGGED_COUNTERS = (
+    "rows_recycled", "rows_skipped", "rows_passed_through", "rows_fully_masked_fallback", "rows_dropped_by_trl",
+    "cache_hits", "cache_misses", "claims_taken_over", "cache_leases_lost",
+    "oracle_calls", "oracle_prompts", "oracle_tokens", "oracle_seconds",
+    "instruction_reflection/total", "instruction_reflection/parsed", "instruction_reflection/accepted",
+    "response_reflection/total", "response_reflection/parsed", "response_reflection/accepted", "scores_computed",
+    "selected/original", "selected/q", "selected/a", "selected/qa", "selected/dropped",
+)
+
+
+def logged_counters(summed: list[float]) -> dict[str, float]:
+    """The ``recycle/*`` entries of the Trainer's log from :data:`LOGGED_COUNTERS` summed over ranks, with the
+    rates derived from them."""
+    logs = dict(zip(LOGGED_COUNTERS, summed))
+    for phase in (INSTRUCTION_REFLECTION, RESPONSE_REFLECTION):
+        if logs[f"{phase}/total"]:
+            logs[f"{phase}/accept_rate"] = logs[f"{phase}/accepted"] / logs[f"{phase}/total"]
+    logs["oracle_tokens_per_s"] = oracle_tokens_per_s(logs)
+    return {f"recycle/{k}": v for k, v in logs.items()}

@@ -170,3 +170,23 @@ def student_identity(model) -> str:
     quantized = "4bit" if getattr(base, "is_loaded_in_4bit", False) else "8bit" if getattr(
         base, "is_loaded_in_8bit", False) else str(getattr(base, "dtype", ""))
     return f"{weights}:{quantized}"
+
+
+def recycler_with_student(config, oracle, model, tokenizer, *, sharded: bool, max_length: int):
+    """The trainer's :class:`~.recycler.Recycler`, where the student takes part: it scores the versions of each pair
+    (``mode="selective"``) and, with ``oracle_engine="self"``, generates with its frozen base. ``sharded``: ZeRO-3 or
+    FSDP, whose forward passes are collective (scoring runs in lockstep; the student cannot be the oracle)."""
+    from .recycler import Recycler
+
+    if config.oracle_engine == "self":
+        from .oracles.self_oracle import SelfOracle
+
+        if sharded:
+            raise ValueError("oracle_engine='self' cannot generate with a sharded student (ZeRO-3/FSDP): ranks "
+                             "generate out of step. Use ZeRO-2, or a separate oracle.")
+        oracle = SelfOracle(model, tokenizer, batch_size=config.oracle_batch_size)
+    scorer = None
+    if config.mode == "selective":
+        scorer = StudentScorer(model, tokenizer, batch_size=config.selection_batch_size, max_length=max_length,
+                               lockstep=sharded)
+    return Recycler(config, oracle=oracle, scorer=scorer)

@@ -76,9 +76,12 @@ def check_trl(trainer_class) -> None:
     except TypeError as err:
         raise incompatible(f"SFTTrainer._prepare_dataset{inspect.signature(prepare)} cannot be called as "
                            f"_prepare_dataset(self, {', '.join(PREPARE_DATASET_PARAMETERS)}) ({err})") from None
+    # The Trainer's own methods, not our overrides of them (TrainerHooks), which always exist.
+    mro = trainer_class.__mro__
+    trainer_base = mro[mro.index(TrainerHooks) + 1] if TrainerHooks in mro else trainer_class
     for name, parameters in (("_set_signature_columns_if_needed", ()), ("_save_checkpoint", ("model", "trial")),
                              ("_get_output_dir", ("trial",))):
-        method = getattr(trainer_class, name, None)
+        method = getattr(trainer_base, name, None)
         try:
             inspect.signature(method).bind(None, *parameters)
         except TypeError:
@@ -165,11 +168,20 @@ def _per_buffer_preparation():
             datasets.enable_progress_bars()
 
 
-def prepare_buffer(trainer, data, args, formatting_func):
-    """``data`` prepared by SFTTrainer's own ``_prepare_dataset`` (chat template, tokenisation, masks, truncation),
-    as one rank's buffer: no barrier, no packing, no progress bars."""
+def prepare_rows(trainer, rows: list[dict], features, args, formatting_func, id_column: str) -> dict:
+    """``{row id: {input_ids, labels}}`` of ``rows`` (in the user's format, each with its id in ``id_column``),
+    prepared by SFTTrainer's own ``_prepare_dataset`` (chat template, tokenisation, masks, truncation) as one rank's
+    buffer: no barrier, no packing, no progress bars. Rows TRL drops (no trainable token left) are absent.
+    ``features``: the source's, or ``None`` to infer them."""
+    if not rows:
+        return {}
+    from datasets import Dataset
+
     with _per_buffer_preparation():
-        return trainer._prepare_dataset(data, trainer.processing_class, args, False, formatting_func, "recycled")
+        prepared = trainer._prepare_dataset(Dataset.from_list(rows, features=features), trainer.processing_class,
+                                            args, False, formatting_func, "recycled")
+    return {r[id_column]: {"input_ids": r["input_ids"], "labels": r["labels"]}
+            for r in prepared.select_columns([id_column, "input_ids", "labels"])}
 
 
 # ---- transformers' DeepSpeed integration ---------------------------------------------------------------------------
@@ -191,3 +203,38 @@ def outside_zero3_init():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def as_sft_config(args, model):
+    """The config SFTTrainer would use (its own conversion of a ``TrainingArguments``, its default name), never the
+    user's object itself: it must stay reusable for a baseline."""
+    import copy
+
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    if args is None:
+        from trl.trainer.utils import get_config_model_id
+
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return SFTConfig(f"{name.split('/')[-1]}-SFT")
+    if isinstance(args, TrainingArguments) and not isinstance(args, SFTConfig):
+        dict_args = args.to_dict()
+        dict_args["hub_token"] = args.hub_token
+        return SFTConfig(**dict_args)
+    return copy.copy(args)
+
+
+def with_chat_template(model, args, processing_class):
+    """``processing_class``, loaded as SFTTrainer would when ``None``, with a chat template: Alpaca rows train as
+    conversations, and a base model's tokenizer has none (the paper's Vicuna template then, :mod:`.chat`)."""
+    from .chat import ensure_chat_template
+
+    if processing_class is None:
+        from transformers import AutoProcessor
+        from trl.trainer.utils import get_config_model_id
+
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        processing_class = AutoProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    ensure_chat_template(getattr(processing_class, "tokenizer", processing_class))
+    return processing_class

@@ -147,9 +147,9 @@ def test_trainer_keeps_its_ledger_on_disk_and_exports_what_it_trained_on(tmp_pat
     assert len(seen) == 8 and len(trainer._trained) == 8  # 4 steps x 2 rows of 12
 
     # The per-row state is arrays; the records are in the (anonymous) file.
-    assert trainer._prepared.nbytes() <= 16 * len(data) and trainer._exported.nbytes() <= 16 * len(data)
-    assert trainer._prepared.file_bytes > 0 and trainer._exported.file_bytes > 0
-    assert not hasattr(trainer, "_exchanges") and trainer._reflectable.tolist() == [True] * 12
+    assert trainer.rows.prepared.nbytes() <= 16 * len(data) and trainer.rows.exported.nbytes() <= 16 * len(data)
+    assert trainer.rows.prepared.file_bytes > 0 and trainer.rows.exported.file_bytes > 0
+    assert not hasattr(trainer, "_exchanges") and trainer.rows.reflectable.tolist() == [True] * 12
 
     exported = trainer.recycled_dataset()
     trained = sorted(trainer._trained)

@@ -3,13 +3,13 @@ buffer trains, and training sees exactly what it sees without overlap. (Whether 
 question: benchmarks/b6_overlap.py.)"""
 
 import threading
-import types
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reflect_trainer import InputError, ReflectionConfig
+from reflect_trainer.placement import overlap_wanted
 from reflect_trainer.trainer import ReflectionSFTTrainer
 from test_support.oracles import CountingOracle
 from test_support.students import sft_config
@@ -66,7 +66,7 @@ def test_next_buffer_is_recycled_in_the_background_and_training_is_unchanged(tmp
     assert seen_on == seen_off  # the same sequences, in the same order
     assert overlapped.recycled_dataset().to_list() == serial.recycled_dataset().to_list()
     assert overlapped.recycling_stats()["oracle_prompts"] == ROWS
-    assert overlapped._prefetcher is None  # once the rank's share is recycled, the thread is gone
+    assert overlapped.rows._prefetcher is None  # once the rank's share is recycled, the thread is gone
 
 
 def test_auto_overlaps_only_when_the_oracle_has_its_own_compute(tmp_path, oracle_path, alpaca_pairs):
@@ -105,7 +105,4 @@ def test_auto_overlaps_only_when_the_oracle_has_its_own_compute(tmp_path, oracle
 def test_auto_overlap_compares_devices_not_their_spelling(student, oracle, overlap):
     """Without a GPU here, "cuda" means GPU 0 (the current device of a process that never changed it)."""
     # The trainer resolves oracle_engine="auto" before it decides on overlap: here it resolves to transformers.
-    fake = types.SimpleNamespace(reflection_config=ReflectionConfig(oracle_device=oracle, oracle_engine="transformers"),
-                                 _streaming=False,
-                                 accelerator=types.SimpleNamespace(device=torch.device(student)))
-    assert ReflectionSFTTrainer._overlap_wanted(fake) is overlap
+    assert overlap_wanted("auto", "transformers", oracle, torch.device(student), streaming=False) is overlap

@@ -142,3 +142,40 @@ def test_a_checkpoint_folder_other_than_ours_is_an_error_not_a_resume_that_misse
         trainer.train()
     assert_names_versions(err, "saved its checkpoint elsewhere")
     assert (tmp_path / "out" / "ckpt-1" / transformers.trainer.TRAINER_STATE_NAME).is_file()
+
+
+@pytest.mark.parametrize("name, replacement", [
+    ("_save_checkpoint", None),  # gone
+    ("_save_checkpoint", lambda self, model, trial, metrics: None),  # a new required parameter
+    ("_get_output_dir", None),
+])
+def test_checkpoint_internals_changed_are_an_error_at_construction(student, tmp_path, monkeypatch, name, replacement):
+    owners = [cls for cls in SFTTrainer.__mro__ if name in vars(cls)]  # SFTTrainer overrides _save_checkpoint too
+    assert owners
+    if replacement is None:  # gone from TRL and transformers alike
+        for cls in owners:
+            monkeypatch.delattr(cls, name)
+    else:  # changed where our override's super() call lands
+        monkeypatch.setattr(SFTTrainer, name, replacement)
+    with pytest.raises(TRLIncompatibleError) as err:
+        build(student, tmp_path)
+    assert_names_versions(err, f"Trainer.{name}(")
+
+
+def test_a_renamed_zero3_switch_is_an_error_when_the_oracle_loads_whole():
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from reflect_trainer.trl_bridge import outside_zero3_init
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    with outside_zero3_init():  # the tested version: switched off inside, restored after
+        assert hf_deepspeed._hf_deepspeed_config_weak_ref is None
+    assert hf_deepspeed._hf_deepspeed_config_weak_ref is saved
+    del hf_deepspeed._hf_deepspeed_config_weak_ref  # a release that renames it
+    try:
+        with pytest.raises(TRLIncompatibleError) as err:
+            with outside_zero3_init():
+                pass
+        assert_names_versions(err, "_hf_deepspeed_config_weak_ref")
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
