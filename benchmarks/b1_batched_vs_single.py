@@ -65,7 +65,7 @@ def prompt_lengths(oracle, data, max_new_tokens: int) -> list[int]:
         lengths = []
         for row in data:
             fields = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
-            conversation = recycler._step_prompt(template, template.steps[0], fields)[0]
+            conversation = recycler.phase_runner.step_prompt(template, template.steps[0], fields)[0]
             lengths.append(len(oracle.tokenizer(oracle._prompt_text(conversation), add_special_tokens=False)
                                ["input_ids"]))
     return lengths

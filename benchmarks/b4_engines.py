@@ -45,7 +45,7 @@ def b1_conversations(pairs: int) -> list:
     with tempfile.TemporaryDirectory() as cache_dir:
         recycler = Recycler(ReflectionConfig(cache_dir=cache_dir, mode="response", template_set="compact",
                                              progress_bar=False))
-        return [recycler._step_prompt(template, template.steps[0], {
+        return [recycler.phase_runner.step_prompt(template, template.steps[0], {
             "instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]})[0]
             for row in load_alpaca_eval(limit=pairs)]
 

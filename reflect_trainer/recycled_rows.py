@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .exchange import alpaca_conversation, exchange, with_recycled
-from .formats import BadRowError
+from .formats import BadRowError, read_row
 from .ledger import RowLedger
 from .sampling import LookAhead
 from .schema import DROPPED_BY_SELECTION
@@ -59,14 +59,12 @@ def index_source(dataset, fmt: str, max_field_chars: int, on_bad_row: str) -> tu
     Only whether a row has an exchange is kept (a bool a row): :meth:`RecycledRows._pair` computes it again."""
     reflectable, keep, skipped = [], [], []
     for i, row in enumerate(dataset):
-        try:
-            reflectable.append(exchange(row, fmt, i, max_field_chars) is not None)
+        pair = read_row(row, fmt, i, max_field_chars, on_bad_row)
+        if isinstance(pair, BadRowError):
+            skipped.append(pair)
+        else:
+            reflectable.append(pair is not None)
             keep.append(i)
-        except BadRowError as err:
-            if on_bad_row == "error":
-                raise
-            logger.warning("skipping bad row: %s", err)
-            skipped.append(err)
     if skipped:
         logger.warning("left out %d of %d rows as bad input", len(skipped), len(dataset))
         dataset = dataset.select(keep)
@@ -299,16 +297,11 @@ class RecycledStream(_RowRecycling):
             self.release_oracle("a pass over the stream is done")
         todo, pairs = [], []
         for r in fresh:
-            try:
-                pair = exchange(r, self.fmt, f"{r[ROW]} of the stream", self._max_field_chars)
-            except BadRowError as err:
-                if self._on_bad_row == "error":
-                    raise
-                logger.warning("skipping bad row: %s", err)
-                self.recycler.record_skipped([err])
+            pair = read_row(r, self.fmt, f"{r[ROW]} of the stream", self._max_field_chars, self._on_bad_row)
+            if isinstance(pair, BadRowError):
+                self.recycler.record_skipped([pair])
                 self.exported[r[ROW]] = None
-                continue
-            if pair is None:
+            elif pair is None:
                 self.counts["rows_passed_through"] += 1
                 self.exported[r[ROW]] = self.export_row(r, None, ORIGINAL)
             else:

@@ -12,62 +12,28 @@ Use it on its own::
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .cache import RecycleCache, cache_key
 from .config import ReflectionConfig
 from .formats import BadRowError, Pair, read_row, row_format, validate_rows
-from .text import ends_mid_sentence, request_text
+from .oracles import Oracle, load_oracle, oracle_identity, resolve_quantization
 from .oracles.decoding import resolve_controls
-from .oracles import (
-    FINISH_ERROR,
-    FINISH_UNKNOWN,
-    Generation,
-    GenerationSettings,
-    Oracle,
-    as_generation,
-    load_oracle,
-    oracle_identity,
-    resolve_quantization,
-)
-from .parsing import (
-    PARSED_BUT_REJECTED,
-    has_marker_like_text,
-    marker_regex,
-    neutralize_markers,
-    parse_step_output,
-)
-from .templates import (
-    END_MARKER,
-    INSTRUCTION_REFLECTION,
-    RESPONSE_REFLECTION,
-    TEMPLATE_SETS,
-    ReflectionStep,
-    all_marker_names,
-    ReflectionTemplate,
-    render,
-    render_fields,
-)
+from .parsing import has_marker_like_text
+from .phase import PhaseOutcome, PhaseRunner
+from .recycling_stats import RecycleProgress, RecycleStats, log_summary
 from .schema import (DROPPED_BY_SELECTION, PASSED_THROUGH, RECYCLED_COLUMNS,  # noqa: F401 (public names)
                      RESPONSE_REFLECTION_OF_ORIGINAL, SELECTION_COLUMNS, VERSIONS, fallback_column, finish_column,
-                     oracle_tokens_per_s, raw_column)
+                     raw_column)
 from .selection import SCORING_VERSION, PairScores, select_version
-from .structured import section_format_for
+from .templates import (INSTRUCTION_REFLECTION, RESPONSE_REFLECTION, TEMPLATE_SETS, ReflectionTemplate,
+                        all_marker_names)
+from .text import request_text
 from .thinking import chat_template_kwargs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PhaseOutcome:
-    pair: Pair  # the phase's result: the new pair, or the input pair when it fell back
-    raw: str  # the oracle's texts for this phase, pre-fills included, steps separated by blank lines
-    reason: str | None  # fallback reason, None when accepted
-    finish: str = ""  # why the oracle stopped, per step ("stop", "length", ...), comma-separated
 
 
 @dataclass
@@ -78,49 +44,6 @@ class ReflectedBatch:
     pairs: list[Pair | None]  # None: a bad row, skipped
     skips: list[str | None]  # why it was skipped
     outcomes: list[dict[str, Any]]  # per valid pair
-
-
-@dataclass
-class RecycleStats:
-    """Counters, exposed by :meth:`Recycler.stats` as a flat dict (ready for the Trainer's log)."""
-
-    rows_seen: int = 0
-    rows_recycled: int = 0
-    rows_skipped: int = 0
-    rows_passed_through: int = 0  # rows with no exchange to recycle (pre-tokenized, a conversation ending elsewhere)
-    skip_reasons: Counter = field(default_factory=Counter)
-    marker_like_rows: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    waited_for_other_writer: int = 0
-    claims_taken_over: int = 0  # keys whose owner died or went silent, generated here instead
-    oracle_calls: int = 0
-    oracle_prompts: int = 0
-    oracle_tokens: int = 0
-    oracle_seconds: float = 0.0
-    phase_counts: Counter = field(default_factory=Counter)  # (phase, "parsed"|"accepted"|"total"|reason)
-    scores_computed: int = 0
-    scores_cached: int = 0
-    selected: Counter = field(default_factory=Counter)  # version -> rows ("dropped" for None)
-
-    def as_dict(self) -> dict[str, float]:
-        # list(...) snapshots: the Trainer's log reads these while a background prefetch may add keys.
-        out: dict[str, float] = {
-            k: v for k, v in list(self.__dict__.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        out["oracle_tokens_per_s"] = oracle_tokens_per_s(out)
-        for reason, n in list(self.skip_reasons.items()):
-            out[f"skipped/{reason}"] = n
-        for (phase, what), n in list(self.phase_counts.items()):
-            out[f"{phase}/{what}"] = n
-        for version, n in list(self.selected.items()):
-            out[f"selected/{version}"] = n
-        for phase in (INSTRUCTION_REFLECTION, RESPONSE_REFLECTION, RESPONSE_REFLECTION_OF_ORIGINAL):
-            total = self.phase_counts.get((phase, "total"), 0)
-            if total:
-                out[f"{phase}/parse_rate"] = self.phase_counts[(phase, "parsed")] / total
-                out[f"{phase}/accept_rate"] = self.phase_counts[(phase, "accepted")] / total
-        return out
 
 
 def resolve_templates(config: ReflectionConfig, default_oracle: bool) -> dict[str, ReflectionTemplate]:
@@ -214,6 +137,9 @@ class Recycler:
         self.cache = RecycleCache(self.config.cache_dir, claim_lease_seconds=self.config.claim_lease_seconds)
         self._stats = RecycleStats()
         self._progress = None
+        self.phase_runner = PhaseRunner(self.config, self.cache, self._stats, self.controls,
+                                        self.chat_template_kwargs, self.marker_names, oracle=lambda: self.oracle,
+                                        oracle_identity=lambda: self.oracle_identity, tick=self._tick)
         self.expected_rows: int | None = None  # for the progress bar, when known
 
     # ---- oracle --------------------------------------------------------------------------------------------
@@ -422,210 +348,17 @@ class Recycler:
         return instruction + response * (2 if self.config.mode == "selective" else 1)
 
     def _open_progress(self) -> None:
-        # The bar counts pair-steps (one pair through one template step), so it moves after every oracle call of a
-        # buffer, not once per buffer (minutes apart on a CPU), and tqdm's ETA is there from the first call.
         if self.config.progress_bar and self._progress is None:
-            from tqdm.auto import tqdm
-
             total = self.expected_rows * self._steps_per_pair() if self.expected_rows is not None else None
-            self._progress = tqdm(total=total, desc="recycling", unit="step", dynamic_ncols=True)
+            self._progress = RecycleProgress(total, self._stats)
 
     def _tick(self, pair_steps: int) -> None:
-        if self._progress is None or not pair_steps:
-            return
-        self._progress.update(pair_steps)
-        s = self._stats
-        self._progress.set_postfix(pairs=s.rows_recycled, hits=s.cache_hits, oracle_tok=s.oracle_tokens,
-                                   refresh=False)
+        if self._progress is not None:
+            self._progress.tick(pair_steps)
 
-    # ---- one phase -------------------------------------------------------------------------------------------
     def _run_phase(self, template: ReflectionTemplate, inputs: list[Pair],
                    stat_labels: list[str] | None = None) -> list[PhaseOutcome]:
-        labels = stat_labels or [template.phase] * len(inputs)
-        fields = [{"instruction": p.instruction, "input": p.input, "output": p.output} for p in inputs]
-        raws: list[list[str]] = [[] for _ in inputs]
-        finishes: list[list[str]] = [[] for _ in inputs]
-        reasons: list[str | None] = [None] * len(inputs)
-        for step in template.steps:
-            alive = [i for i in range(len(inputs)) if reasons[i] is None]
-            if not alive:
-                break
-            prompts = {i: self._step_prompt(template, step, fields[i]) for i in alive}
-            records = self._generate_by_budget(template, step, {i: prompts[i][0] for i in alive},
-                                               {i: self._budget(step, fields[i]) for i in alive})
-            self._tick(len(alive))
-            for i in alive:
-                conversation, prefill_section, prefill_body = prompts[i]
-                record = records[i]
-                prefill = conversation[-1]["content"] if conversation[-1]["role"] == "assistant" else ""
-                raws[i].append(prefill + record["raw"])
-                finish = record.get("finish", FINISH_UNKNOWN)  # records cached before finish reasons: unknown
-                finishes[i].append(finish)
-                if finish == FINISH_ERROR:
-                    reasons[i] = record.get("error") or "oracle_error"
-                    continue
-                originals = {
-                    "instruction": request_text(inputs[i].instruction, inputs[i].input),
-                    "output": inputs[i].output,
-                }
-                parsed = parse_step_output(
-                    record["raw"],
-                    step.sections,
-                    prefill_section,
-                    prefill_body,
-                    originals,
-                    boilerplate=_boilerplate(step),
-                    placeholders=step.placeholders,
-                    prompt="\n".join(m["content"] for m in conversation if m["role"] != "assistant"),
-                    finish_reason=finish,
-                    gates=self.config.gates,
-                    rewrites_answer=template.phase == RESPONSE_REFLECTION,
-                    thinking_tags=self.config.oracle_thinking_tags,
-                )
-                if parsed.ok:
-                    fields[i].update(parsed.fields)
-                    if "instruction" in parsed.fields:
-                        fields[i]["input"] = ""  # the new instruction is self-contained (input merged in)
-                else:
-                    reasons[i] = parsed.reason
-        self._tick(sum(len(template.steps) - len(raws[i]) for i in range(len(inputs))))  # steps a fallback skipped
-        outcomes = []
-        for i, pair in enumerate(inputs):
-            reason, phase = reasons[i], labels[i]
-            self._stats.phase_counts[(phase, "total")] += 1
-            if reason is None or reason in PARSED_BUT_REJECTED:
-                self._stats.phase_counts[(phase, "parsed")] += 1
-            if reason is None:
-                self._stats.phase_counts[(phase, "accepted")] += 1
-                new = Pair(fields[i]["instruction"], fields[i]["input"], fields[i]["output"], pair.history)
-                if ends_mid_sentence(new.output):  # should stay 0: the truncation gate's own check
-                    self._stats.phase_counts[(phase, "accepted_ending_mid_sentence")] += 1
-            else:
-                self._stats.phase_counts[(phase, f"fallback/{reason}")] += 1
-                new = pair
-            outcomes.append(PhaseOutcome(pair=new, raw="\n\n".join(raws[i]), reason=reason,
-                                         finish=",".join(finishes[i])))
-        return outcomes
-
-    def _budget(self, step: ReflectionStep, pair_fields: dict[str, str]) -> int:
-        """Tokens the oracle may write for this step and pair: a step's own fixed budget, or, for a step that writes
-        an answer, enough to rewrite the answer at hand (its length x ``length_budget_ratio``), within the cap.
-        Rounded up to a multiple of 64 so a buffer needs only a few ``generate`` calls (one per budget). A reasoning
-        oracle's ``max_thinking_tokens`` come on top, so its thinking does not eat the answer's budget."""
-        c = self.config
-        if step.max_new_tokens is not None or "output" not in step.sections or not c.length_budget_ratio:
-            return min(step.max_new_tokens or c.max_new_tokens, c.max_new_tokens) + c.max_thinking_tokens
-        estimated_tokens = len(pair_fields["output"]) / 4  # no tokenizer needed: the budget is part of the key
-        wanted = step.budget_base + c.length_budget_ratio * estimated_tokens
-        return min(c.max_new_tokens, -(-int(wanted) // 64) * 64) + c.max_thinking_tokens
-
-    def _generate_by_budget(self, template: ReflectionTemplate, step: ReflectionStep,
-                            conversations: dict[int, list], budgets: dict[int, int]) -> dict[int, dict]:
-        """One oracle call (per cache miss set) for each distinct budget of the step; records by row."""
-        records: dict[int, dict] = {}
-        for budget in sorted(set(budgets.values())):
-            rows = [i for i in conversations if budgets[i] == budget]
-            generated = self._generate_cached(template, step, [conversations[i] for i in rows], budget)
-            records.update(zip(rows, generated))
-        return records
-
-    def _step_prompt(self, template: ReflectionTemplate, step: ReflectionStep, pair_fields: dict[str, str]):
-        safe = render_fields(
-            *(neutralize_markers(pair_fields[k], self.marker_names) for k in ("instruction", "input", "output"))
-        )
-        conversation = []
-        if step.system:
-            conversation.append({"role": "system", "content": render(step.system, safe)})
-        conversation.append({"role": "user", "content": render(step.user, safe)})
-        prefill_section, prefill_body = None, ""
-        if step.prefill:
-            prefill = render(step.prefill, safe)
-            conversation.append({"role": "assistant", "content": prefill})
-            opener = _prefill_opener(step, prefill)
-            if opener:
-                prefill_section, prefill_body = opener[0], prefill[opener[1]:]
-        return conversation, prefill_section, prefill_body
-
-    def _settings(self, phase: str, step: ReflectionStep, max_new_tokens: int) -> GenerationSettings:
-        c = self.config
-        section_format, stop = None, step.stop
-        if c.structured_output:
-            opener = _prefill_opener(step, step.prefill)
-            section_format = section_format_for(step.sections, opener[0] if opener else None)
-            # The format ends the output itself after the last [End]; an [End] stop would cut it after the first.
-            stop = tuple(s for s in step.stop if END_MARKER.lower() not in s.lower())
-        return GenerationSettings(
-            max_new_tokens=max_new_tokens,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            seed=c.oracle_seed,
-            stop=stop,
-            section_format=section_format,
-            repetition_penalty=self.controls[phase][0],
-            no_repeat_ngram_size=self.controls[phase][1],
-            chat_template_kwargs=self.chat_template_kwargs,
-        )
-
-    def _generate_cached(self, template: ReflectionTemplate, step: ReflectionStep, conversations: list,
-                         max_new_tokens: int) -> list[dict]:
-        """Serve cached records; send all misses of this batch to the oracle in one call; store them durably."""
-        settings = self._settings(template.phase, step, max_new_tokens)
-        keys = [
-            cache_key(
-                {
-                    "phase": template.phase,
-                    "template": template.id,
-                    "step": template.step_fingerprint(step),
-                    "oracle": self.oracle_identity,
-                    "generation": settings.to_dict(),
-                    "messages": conversation,
-                }
-            )
-            for conversation in conversations
-        ]
-        by_key = dict(zip(keys, conversations))
-        fetched = self.cache.get_or_generate(
-            keys, lambda mine: self._call_oracle(mine, [by_key[k] for k in mine], settings, template, step)
-        )
-        self._stats.cache_hits += fetched.hits
-        self._stats.cache_misses += fetched.misses
-        self._stats.waited_for_other_writer += fetched.waited
-        self._stats.claims_taken_over += fetched.taken_over
-        return [fetched.records[k] for k in keys]
-
-    def _call_oracle(self, keys, conversations, settings, template, step) -> tuple[list[dict], dict[str, dict]]:
-        """Generate ``keys``: returns the records to store (with their finish reasons) and the records of rows the
-        oracle could not answer (``finish="error"``), which are not cached, so a later run asks again."""
-        oracle = self.oracle
-        tokens_before = oracle.tokens_generated
-
-        def record(k: str, g: Generation) -> dict:
-            return {"key": k, "raw": g.text, "finish": g.finish_reason, "phase": template.phase,
-                    "template": template.id, "step": step.name, "t": time.time()}
-
-        stream = {}
-        if getattr(oracle, "streams_results", False):  # store each answer as it arrives (see RecycleCache)
-            def stored_at_once(i: int, g: Generation) -> None:
-                g = as_generation(g)
-                if g.finish_reason != FINISH_ERROR:
-                    self.cache.store_early([record(keys[i], g)])
-
-            stream = {"on_result": stored_at_once}
-        start = time.perf_counter()
-        outputs = [as_generation(g) for g in oracle.generate(conversations, settings, **stream)]
-        elapsed = time.perf_counter() - start
-        if len(outputs) != len(conversations):
-            raise RuntimeError(f"oracle returned {len(outputs)} texts for {len(conversations)} prompts")
-        self._stats.oracle_calls += 1
-        self._stats.oracle_prompts += len(conversations)
-        self._stats.oracle_tokens += oracle.tokens_generated - tokens_before
-        self._stats.oracle_seconds += elapsed
-        records = {k: record(k, g) for k, g in zip(keys, outputs)}
-        failed = {}
-        for k, g in zip(keys, outputs):
-            if g.finish_reason == FINISH_ERROR:
-                failed[k] = {**records.pop(k), "error": g.error or "oracle_error"}
-        return list(records.values()), failed
+        return self.phase_runner.run(template, inputs, stat_labels)
 
     # ---- whole data sets ----------------------------------------------------------------------------------------
     def recycle_dataset(self, dataset, batch_size: int = 16):
@@ -660,34 +393,7 @@ class Recycler:
 
     def log_summary(self, seconds: float | None = None) -> None:
         """Log accept rates per phase, fallback reasons, oracle throughput (and pairs/s over ``seconds``)."""
-        s = self.stats()
-        if seconds:
-            logger.info("recycled %d pairs in %.0f s: %.3f pairs/s", s["rows_recycled"], seconds,
-                        s["rows_recycled"] / seconds)
-        for phase in self.phases:
-            if f"{phase}/parse_rate" in s:
-                logger.info(
-                    "%s: parsed %.0f%%, accepted %.0f%% of %d; fallbacks: %s",
-                    phase,
-                    100 * s[f"{phase}/parse_rate"],
-                    100 * s[f"{phase}/accept_rate"],
-                    s[f"{phase}/total"],
-                    {k.split("/", 2)[2]: v for k, v in s.items() if k.startswith(f"{phase}/fallback/")},
-                )
-        logger.info(
-            "oracle: %d calls, %d prompts, %d tokens, %.1f tok/s; cache hits %d",
-            s["oracle_calls"], s["oracle_prompts"], s["oracle_tokens"], s["oracle_tokens_per_s"], s["cache_hits"],
-        )
-
-
-def _prefill_opener(step: ReflectionStep, prefill: str) -> tuple[str, int] | None:
-    """``(section name, end offset)`` of the section marker a pre-fill starts with, if any."""
-    opener = marker_regex(list(step.sections.values())).match(prefill)
-    if not opener:
-        return None
-    name = next(n for n in step.sections.values() if re.fullmatch(
-        r"\[\s*" + r"\s+".join(map(re.escape, n.split())) + r"\s*\]\s*:?\s*", opener.group(0), re.I))
-    return name, opener.end()
+        log_summary(self.stats(), self.phases, seconds, logger)
 
 
 def _request(pair: Pair) -> str:
@@ -699,11 +405,6 @@ def _versions(pair: Pair, outcome: dict) -> dict[str, Pair]:
     q = outcome[INSTRUCTION_REFLECTION].pair
     return {"original": pair, "q": q, "a": outcome[RESPONSE_REFLECTION_OF_ORIGINAL].pair,
             "qa": outcome[RESPONSE_REFLECTION].pair}
-
-
-def _boilerplate(step: ReflectionStep) -> str:
-    """The template's own words around the data: an output that repeats them is an echo of the prompt."""
-    return re.sub(r"\{\w+\}", " ", f"{step.system or ''}\n{step.user}")
 
 
 def _row_columns(pair: Pair, outcome: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ LAYERS = {
     "engines": ["oracles/section_budget", "oracles/section_processor", "oracles/transformers_engine",
                 "oracles/llama_cpp_engine", "oracles/openai_http", "oracles/vllm_engine", "oracles/self_oracle",
                 "embedded"],
-    "recycling": ["recycler", "selection"],
+    "recycling": ["recycler", "phase", "recycling_stats", "selection"],
     "training": ["trainer", "recycled_rows", "sampling", "placement", "ledger"],
     "offline": ["cli", "distributed", "export", "report", "evaluation/__init__", "evaluation/ifeval",
                 "evaluation/pairwise", "__init__"],
