@@ -59,10 +59,19 @@ def incompatible(what: str) -> TRLIncompatibleError:
         "report the versions at the project's issue tracker.")
 
 
+ZERO3_SWITCH = "_hf_deepspeed_config_weak_ref"  # in transformers.integrations.deepspeed
+ZERO3_SWITCH_GONE = (f"transformers.integrations.deepspeed.{ZERO3_SWITCH} (how a ZeRO-3 run tells from_pretrained "
+                     "to partition, which the oracle must load without) is gone")
+
+
 # ---- checks when the trainer is built ------------------------------------------------------------------------
 def check_trl(trainer_class) -> None:
     """Before ``SFTTrainer.__init__``: every private name we use exists with the signature we call."""
     import trl.trainer.sft_trainer as sft
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hasattr(hf_deepspeed, ZERO3_SWITCH):  # checked here too, not only when a ZeRO-3 run loads its oracle
+        raise incompatible(ZERO3_SWITCH_GONE)
 
     if not callable(getattr(sft, "global_then_local_main_first", None)):
         raise incompatible("trl.trainer.sft_trainer.global_then_local_main_first (the barrier around TRL's data "
@@ -194,9 +203,8 @@ def outside_zero3_init():
     """
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    if not hasattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref"):
-        raise incompatible("transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref (how a ZeRO-3 run "
-                           "tells from_pretrained to partition, which the oracle must load without) is gone")
+    if not hasattr(hf_deepspeed, ZERO3_SWITCH):
+        raise incompatible(ZERO3_SWITCH_GONE)
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed._hf_deepspeed_config_weak_ref = None
     try:

@@ -48,10 +48,10 @@ def student(tmp_path_factory):
     return str(tiny_student(tmp_path_factory.mktemp("student")))
 
 
-def build(student, tmp_path, **args):
+def build(student, tmp_path, model=None, **args):
     oracle = ScriptedOracle(lambda c: "[Better Answer] A colour. [End]")
     return ReflectionSFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(student), args=sft_config(tmp_path, **args),
+        model=model or AutoModelForCausalLM.from_pretrained(student), args=sft_config(tmp_path, **args),
         train_dataset=Dataset.from_list(PAIRS), processing_class=AutoTokenizer.from_pretrained(student),
         reflection_config=ReflectionConfig(cache_dir=str(tmp_path / "cache"), mode="response", progress_bar=False),
         oracle=oracle)
@@ -179,3 +179,13 @@ def test_a_renamed_zero3_switch_is_an_error_when_the_oracle_loads_whole():
         assert_names_versions(err, "_hf_deepspeed_config_weak_ref")
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def test_a_renamed_zero3_switch_is_an_error_at_construction(student, tmp_path, monkeypatch):
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    model = AutoModelForCausalLM.from_pretrained(student)  # loaded first: transformers reads the name itself
+    monkeypatch.delattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref")
+    with pytest.raises(TRLIncompatibleError) as err:
+        build(student, tmp_path, model=model)
+    assert_names_versions(err, "_hf_deepspeed_config_weak_ref")
