@@ -190,6 +190,7 @@ class Run:
         calls.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
         self.log = open(log, "ab")
+        self.log_path, self.log_start = log, self.log.tell()  # this run's output starts here in the shared log
         self.proc = subprocess.Popen(cmd, env={**setup.env, "FAULTS_CALLS": str(calls), "FAULTS_TAG": tag},
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -241,6 +242,14 @@ class Run:
 
     def close(self) -> None:
         self.log.close()
+
+    def error_lines(self, most: int = 12) -> str:
+        """The last lines of this run's output that name an error (what a failed check prints)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            lines = f.read().decode(errors="replace").splitlines()
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln or "Traceback" in ln]
+        return "\n    ".join((errors or lines)[-most:])
 
 
 class Chains:
@@ -302,7 +311,8 @@ class Chains:
             if launch_ready is None:
                 self.counts["hangs"] += not launch.wait(FINISHED)
                 launch.close()
-                self.checks_failed.append(f"{launch.tag}: ended before opening its cache (rc {launch.proc.returncode})")
+                self.checks_failed.append(f"{launch.tag}: ended before opening its cache (rc {launch.proc.returncode})"
+                                          ":\n    " + launch.error_lines())
                 break
             time.sleep(self.rng.uniform(0, self.window * left + 1.0))
             if launch.proc.poll() is None:
@@ -343,7 +353,8 @@ class Chains:
 
     def _verify(self, run: Path, last: Run, killed_tags: set[str]) -> None:
         if last.proc.returncode != 0:
-            self.checks_failed.append(f"{run.name}: the completing run exited {last.proc.returncode}")
+            self.checks_failed.append(f"{run.name}: the completing run exited {last.proc.returncode}:\n    "
+                                      + last.error_lines())
         recs = records(run / "cache")
         per_key = Counter(r["key"] for r in recs)
         self.counts["twice"] += sum(n - 1 for n in per_key.values())

@@ -189,3 +189,22 @@ def test_a_renamed_zero3_switch_is_an_error_at_construction(student, tmp_path, m
     with pytest.raises(TRLIncompatibleError) as err:
         build(student, tmp_path, model=model)
     assert_names_versions(err, "_hf_deepspeed_config_weak_ref")
+
+
+def test_a_checkpoint_is_marked_complete_only_after_every_rank_wrote_its_files(student, tmp_path):
+    """trainer_state.json (what a resume trusts) appears after the barrier that waits for every rank's files (rank 1
+    writes rng_state_1.pth while rank 0 writes the state), and atomically: written under a temporary name first."""
+    trainer = build(student, tmp_path, max_steps=1, num_train_epochs=1, save_strategy="steps", save_steps=1)
+    folder = tmp_path / "out" / "checkpoint-1"
+    seen = []
+    barrier = trainer.accelerator.wait_for_everyone
+
+    def recording_barrier():
+        seen.append(((folder / "trainer_state.json").exists(), (folder / "trainer_state.json.tmp").exists()))
+        barrier()
+
+    trainer.accelerator.wait_for_everyone = recording_barrier
+    trainer.train()
+    assert (False, True) in seen  # a barrier with the state written under its temporary name only
+    assert (folder / "trainer_state.json").is_file() and not (folder / "trainer_state.json.tmp").exists()
+    assert (folder / "reflect_trained-0.json").is_file()
