@@ -173,17 +173,20 @@ def test_checkpoint_whose_trainer_state_is_written_already_holds_the_trained_row
         tmp_path, oracle_path, alpaca_pairs, monkeypatch):
     """The Trainer writes trainer_state.json last; a checkpoint that has it counts as complete and is resumed from.
     The rows trained so far (for the export) were written after it, and not atomically: a kill -9 right after the
-    trainer state left a checkpoint whose resumed run exported none of the rows trained before it."""
-    from transformers.trainer_callback import TrainerState
+    trainer state left a checkpoint whose resumed run exported none of the rows trained before it.
+    The kill point is the moment trainer_state.json appears under its final name (it is written under a temporary
+    name and renamed once every rank wrote its files)."""
+    import os
 
     student, data, config, args, oracle = checkpointed_run(tmp_path, oracle_path, alpaca_pairs, rows=4, save_steps=2)
-    save_to_json = TrainerState.save_to_json
+    rename = os.replace
 
-    def killed_after_writing(self, path):  # the process dies right after the trainer state is on disk
-        save_to_json(self, path)
-        raise KilledAfterTrainerState
+    def killed_after_the_state_is_in_place(source, destination):
+        rename(source, destination)
+        if os.path.basename(destination) == "trainer_state.json":  # the process dies right after it is on disk
+            raise KilledAfterTrainerState
 
-    monkeypatch.setattr(TrainerState, "save_to_json", killed_after_writing)
+    monkeypatch.setattr(os, "replace", killed_after_the_state_is_in_place)
     trainer = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
                                    oracle=oracle)
     with pytest.raises(KilledAfterTrainerState):
@@ -193,7 +196,7 @@ def test_checkpoint_whose_trainer_state_is_written_already_holds_the_trained_row
     assert sorted(json.loads((checkpoint / "reflect_trained-0.json").read_text())) == [0, 1]
     assert not list(checkpoint.glob("*.tmp"))
 
-    monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
+    monkeypatch.setattr(os, "replace", rename)
     resumed = ReflectionSFTTrainer(model=student, args=args, train_dataset=data, reflection_config=config,
                                    oracle=oracle)
     resumed.train(resume_from_checkpoint=str(checkpoint))
