@@ -62,7 +62,7 @@ class ReflectionSFTTrainer(TrainerHooks, SFTTrainer):
     extra_signature_columns = (ROW,)  # the Trainer must not prune the row id (trl_bridge.TrainerHooks)
     _name = "ReflectionSFT"
     _evaluating = False  # in evaluate(): its logs are SFTTrainer's
-    _in_evaluation_loop = False  # in evaluate() or predict(): batches are SFTTrainer's, with no row id
+    in_evaluation_loop = False  # in evaluate() or predict(): batches are SFTTrainer's, with no row id
 
     def __init__(self, model, args: SFTConfig | TrainingArguments | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, *,
@@ -185,11 +185,11 @@ class ReflectionSFTTrainer(TrainerHooks, SFTTrainer):
             self._evaluating = False
 
     def evaluation_loop(self, *args, **kwargs):
-        self._in_evaluation_loop = True
+        self.in_evaluation_loop = True
         try:
             return super().evaluation_loop(*args, **kwargs)
         finally:
-            self._in_evaluation_loop = False
+            self.in_evaluation_loop = False
 
     # ---- results and logs ----------------------------------------------------------------------------------------
     def recycled_dataset(self, include_dropped: bool = False):
@@ -248,7 +248,7 @@ class _RecyclingCollator:
 
     def __call__(self, features: list[dict]):
         if not features or ROW not in features[0]:
-            if not self.trainer._in_evaluation_loop:
+            if not self.trainer.in_evaluation_loop:
                 raise missing_row_id(ROW)  # never train quietly on rows that were not recycled
             return self.inner(features)  # evaluation: SFTTrainer's batches, as they are
         rows = [f[ROW] for f in features]

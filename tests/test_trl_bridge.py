@@ -128,7 +128,7 @@ def test_a_training_batch_without_its_row_id_raises_and_an_eval_batch_passes(stu
     with pytest.raises(TRLIncompatibleError) as err:
         trainer.data_collator(bare)
     assert_names_versions(err, f"without its {ROW!r} column")
-    trainer._in_evaluation_loop = True  # what evaluate() and predict() set
+    trainer.in_evaluation_loop = True  # what evaluate() and predict() set
     batch = trainer.data_collator(bare)
     assert batch["input_ids"].tolist() == [[1, 2, 3]]
 
