@@ -256,9 +256,9 @@ class TrainOrder:
         return iter(rows[np.argsort(self._first[rows], kind="stable")].tolist())
 
     # A resumed run's export must still hold the rows trained before the checkpoint: each rank saves its list in the
-    # checkpoint. Written whole (temporary file, fsync, then rename): the caller makes every rank's list durable
-    # before the Trainer writes trainer_state.json, its last file, so a checkpoint a kill -9 left with a trainer
-    # state has every list.
+    # checkpoint. Written whole (temporary file, fsync, then rename), before the Trainer's files: the checkpoint's
+    # trainer_state.json appears only after every rank passed the save's barrier (trl_bridge.TrainerHooks), so a
+    # checkpoint a kill -9 left with a trainer state has every list.
     @staticmethod
     def _path(folder: str, rank: int) -> str:
         return os.path.join(folder, f"reflect_trained-{rank}.json")

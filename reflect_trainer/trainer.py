@@ -158,8 +158,7 @@ class ReflectionSFTTrainer(TrainerHooks, SFTTrainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
     def save_checkpoint_extras(self, folder: str) -> None:
-        self._trained.save(folder, self.accelerator.process_index)
-        self.accelerator.wait_for_everyone()  # every rank's list is on disk before trainer_state.json
+        self._trained.save(folder, self.accelerator.process_index)  # before the checkpoint's barrier (trl_bridge)
 
     # Read here, not in a hook of the training loop: resumed from its last checkpoint (a run killed while it saved
     # the model or exported), the loop runs no epoch, and the export must still hold every row trained.

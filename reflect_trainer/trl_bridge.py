@@ -142,30 +142,33 @@ class TrainerHooks:
             if missing:
                 self._signature_columns = [*columns, *missing]
 
-    # A checkpoint counts as complete once its trainer_state.json exists (the Trainer writes it last; a resume and
-    # `get_last_checkpoint` trust it). But rank 0 writes it without waiting for the other ranks, which are still
-    # writing their own files (rng_state_<rank>.pth), and not atomically: a kill -9 at that instant left a checkpoint
-    # that looked complete with a torn or missing file of another rank, and its resume failed or drew other random
-    # numbers. So the state is written to a temporary name, every rank finishes its files, then it is renamed.
+    # A checkpoint counts as complete once its trainer_state.json exists (the Trainer writes it last; resumes trust
+    # it, and so does `last_complete_checkpoint`). But rank 0 writes it without waiting for the other ranks, which are
+    # still writing their own files (rng_state_<rank>.pth), and not atomically: a kill -9 at that instant left a
+    # checkpoint that looked complete with a torn or missing file of another rank, and its resume failed or drew other
+    # random numbers. So the state is written to a temporary name, every rank finishes its files (one barrier), then
+    # it is renamed -- inside the state write, because the Trainer deletes older checkpoints (`save_total_limit`)
+    # right after it: renamed later, a kill -9 in between left no complete checkpoint at all.
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self.save_checkpoint_extras(folder)
-        state, written = self.state, []
+        state, waited = self.state, []
 
-        def save_to_temporary(path: str) -> None:
+        def save_once_every_rank_wrote(path: str) -> None:
             type(state).save_to_json(state, path + ".tmp")
-            written.append(path)
+            self.accelerator.wait_for_everyone()  # the ranks that do not write the state wait after their files
+            waited.append(path)
+            os.replace(path + ".tmp", path)
 
-        state.save_to_json = save_to_temporary  # the instance's, for this save only
+        state.save_to_json = save_once_every_rank_wrote  # the instance's, for this save only
         try:
             super()._save_checkpoint(model, trial)
         finally:
             del state.save_to_json
-        self.accelerator.wait_for_everyone()  # every rank's files of this checkpoint are written
-        for path in written:
-            os.replace(path + ".tmp", path)
+        if not waited:  # this rank wrote no state: its files are written, it joins the barrier of the ranks that do
+            self.accelerator.wait_for_everyone()
         from transformers.trainer import TRAINER_STATE_NAME
 
         if self.args.should_save and not os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):

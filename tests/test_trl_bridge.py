@@ -4,6 +4,7 @@ installed and the tested versions, instead of training on the wrong rows or hang
 
 import ast
 import inspect
+import os
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,23 @@ def test_a_checkpoint_is_marked_complete_only_after_every_rank_wrote_its_files(s
     assert (False, True) in seen  # a barrier with the state written under its temporary name only
     assert (folder / "trainer_state.json").is_file() and not (folder / "trainer_state.json.tmp").exists()
     assert (folder / "reflect_trained-0.json").is_file()
+
+
+def test_with_save_total_limit_an_old_checkpoint_is_deleted_only_once_the_new_one_is_complete(
+        student, tmp_path, monkeypatch):
+    """The Trainer deletes checkpoints over `save_total_limit` right after it writes the state: the rename into place
+    must come first, or a kill -9 in between leaves no complete checkpoint to resume from."""
+    import shutil
+
+    trainer = build(student, tmp_path, max_steps=2, num_train_epochs=1, save_strategy="steps", save_steps=1,
+                    save_total_limit=1)
+    out, rmtree, deleted = tmp_path / "out", shutil.rmtree, []
+
+    def deleting(path, *args, **kwargs):
+        complete = sorted(p.name for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+        deleted.append((os.path.basename(path), complete))
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", deleting)
+    trainer.train()
+    assert deleted == [("checkpoint-1", ["checkpoint-1", "checkpoint-2"])]
