@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 
 import torch
 from transformers import TrainingArguments
@@ -35,7 +34,7 @@ from .recycler import Recycler
 from .schema import LOGGED_COUNTERS, logged_counters
 from .selection import recycler_with_student
 from .trl_bridge import (TrainerHooks, as_sft_config, check_prepared_columns, check_signature_columns, check_trl,
-                         missing_row_id, prepare_rows, with_chat_template)
+                         last_complete_checkpoint, missing_row_id, prepare_rows, with_chat_template)
 
 __all__ = ["ReflectionSFTTrainer", "ROW", "RECYCLED", "ORIGINAL", "NOTHING"]
 
@@ -164,13 +163,11 @@ class ReflectionSFTTrainer(TrainerHooks, SFTTrainer):
     # the model or exported), the loop runs no epoch, and the export must still hold every row trained.
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        if checkpoint is True:  # the newest *complete* one (the Trainer's pick may be a save killed midway)
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
         if checkpoint:
             self._trained.load(str(checkpoint), self.accelerator.process_index)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return super().train(checkpoint, *args, **kwargs)
 
     # ---- evaluation: as SFTTrainer (eval data are not recycled) ------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 from importlib.metadata import PackageNotFoundError, version
 
 #: The versions CI runs (``scripts/setup.sh`` pins the suite's; ``make compat`` runs the other ends). They are the
@@ -174,6 +175,30 @@ class TrainerHooks:
         if self.args.should_save and not os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
             raise incompatible(f"the Trainer saved its checkpoint elsewhere than {folder!r}, where the list of rows "
                                "trained was saved for a resume")
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """What ``train(resume_from_checkpoint=True)`` resumes from: the newest checkpoint whose trainer_state.json exists.
+
+    The Trainer's own pick (``get_last_checkpoint``) is the newest checkpoint folder, complete or not: after a kill -9
+    in the middle of a save, the resume failed (transformers 5.23: ``FileNotFoundError`` for that folder's
+    trainer_state.json) although the checkpoint before it was complete, until someone deleted the folder by hand.
+    Only the rename in ``TrainerHooks._save_checkpoint`` makes a state file appear.
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = {int(m.group(1)): os.path.join(output_dir, name) for name in names
+             if (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name))}
+    complete = [step for step, folder in steps.items() if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME))]
+    if not complete:
+        torn = sorted(os.path.basename(folder) for folder in steps.values())
+        # The Trainer's own message first, so code that matches it keeps working.
+        raise ValueError(f"No valid checkpoint found in output directory ({output_dir})"
+                         + (f": {', '.join(torn)} hold no {TRAINER_STATE_NAME} (a save was killed midway)"
+                            if torn else ""))
+    return steps[max(complete)]
 
 
 # ---- TRL's preparation, per buffer -------------------------------------------------------------------------------

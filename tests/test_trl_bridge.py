@@ -229,3 +229,37 @@ def test_with_save_total_limit_an_old_checkpoint_is_deleted_only_once_the_new_on
     monkeypatch.setattr(shutil, "rmtree", deleting)
     trainer.train()
     assert deleted == [("checkpoint-1", ["checkpoint-1", "checkpoint-2"])]
+
+
+def test_resume_from_true_skips_a_checkpoint_whose_save_was_killed_midway(student, tmp_path):
+    """`resume_from_checkpoint=True`: the Trainer's pick is the newest checkpoint *folder*; one whose save a kill -9
+    cut short has no trainer_state.json, and the resume failed on it (FileNotFoundError) although the checkpoint
+    before it was complete."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    first = build(student, tmp_path, max_steps=2, num_train_epochs=1, save_strategy="steps", save_steps=1)
+    first.train()
+    out = tmp_path / "out"
+    torn = out / "checkpoint-3"  # the save of step 3 killed before its state was renamed into place
+    shutil.copytree(out / "checkpoint-2", torn)
+    (torn / "trainer_state.json").unlink()
+
+    class Steps(TrainerCallback):
+        taken = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Steps.taken += 1
+
+    resumed = build(student, tmp_path, max_steps=3, num_train_epochs=1, save_strategy="no")
+    resumed.add_callback(Steps)
+    resumed.train(resume_from_checkpoint=True)
+    assert (Steps.taken, resumed.state.global_step) == (1, 3)  # from checkpoint-2: step 3 only
+
+    (out / "checkpoint-1" / "trainer_state.json").unlink()
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    again = build(student, tmp_path, max_steps=3, num_train_epochs=1)
+    with pytest.raises(ValueError, match=r"No valid checkpoint found in output directory .*checkpoint-1, "
+                                         r"checkpoint-2, checkpoint-3 hold no trainer_state.json"):
+        again.train(resume_from_checkpoint=True)
